@@ -1,0 +1,139 @@
+"""Templates and conditions, evaluated in Jinja2's sandbox (never `eval`).
+
+* A condition or items expression is Jinja2 expression syntax: `input.amount > 100`.
+* A template is any JSON-like value. Strings in it may contain `{{ ... }}`; a string
+  that is exactly one `{{ expression }}` yields the expression's native value (a
+  number, list or object), any other string renders to a string.
+* Undefined names are errors (StrictUndefined), so a typo fails loudly instead of
+  rendering an empty string.
+
+Rendering is pure: the sandbox has no clock, no I/O and no randomness, which is
+what lets the engine render step inputs inside `decide`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, Undefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from server.errors import ExpressionError
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """Data before methods: `input.items` is the `items` key of the input, not `dict.items`."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+        return super().getattr(obj, attribute)
+
+
+_ENV = _Environment(undefined=StrictUndefined, autoescape=False)
+_SINGLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
+_MARKERS = ("{{", "{%", "{#")
+
+
+def _native(value: Any) -> Any:
+    """Make sure an expression's value is JSON-like; an undefined name is an error."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Undefined):
+        value._fail_with_undefined_error()  # raises UndefinedError naming the missing name
+    if isinstance(value, Mapping):
+        return {str(k): _native(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_native(v) for v in value]
+    raise ExpressionError(f"expression produced a {type(value).__name__}, not a JSON value")
+
+
+class Expression:
+    """A compiled expression: `Expression("input.x > 1").evaluate(ctx)`."""
+
+    __slots__ = ("source", "_fn")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        try:
+            self._fn = _ENV.compile_expression(source, undefined_to_none=False)
+        except TemplateError as exc:
+            raise ExpressionError(f"invalid expression {source!r}: {exc}") from None
+
+    def evaluate(self, ctx: Mapping[str, Any]) -> Any:
+        try:
+            return _native(self._fn(**ctx))
+        except Exception as exc:  # Jinja raises many kinds; all mean "this did not evaluate"
+            raise ExpressionError(f"{self.source!r}: {exc}") from None
+
+
+class _StringTemplate:
+    __slots__ = ("source", "_tpl")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        try:
+            self._tpl = _ENV.from_string(source)
+        except TemplateError as exc:
+            raise ExpressionError(f"invalid template {source!r}: {exc}") from None
+
+    def evaluate(self, ctx: Mapping[str, Any]) -> str:
+        try:
+            return self._tpl.render(**ctx)
+        except Exception as exc:
+            raise ExpressionError(f"{self.source!r}: {exc}") from None
+
+
+class Template:
+    """A compiled JSON-like template: `Template({"a": "{{ input.a }}"}).render(ctx)`."""
+
+    __slots__ = ("source", "_compiled", "static")
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self._compiled = self._compile(source)
+        self.static = not _has_markers(source)
+
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not any(m in value for m in _MARKERS):
+                return value
+            single = _SINGLE.match(value)
+            if single and "{%" not in value:
+                return Expression(single.group("expr").strip())
+            return _StringTemplate(value)
+        if isinstance(value, Mapping):
+            return {str(k): cls._compile(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [cls._compile(v) for v in value]
+        return value
+
+    def render(self, ctx: Mapping[str, Any]) -> Any:
+        if self.static:
+            return self.source
+        return _render(self._compiled, ctx)
+
+
+def _render(node: Any, ctx: Mapping[str, Any]) -> Any:
+    if isinstance(node, (Expression, _StringTemplate)):
+        return node.evaluate(ctx)
+    if isinstance(node, dict):
+        return {k: _render(v, ctx) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_render(v, ctx) for v in node]
+    return node
+
+
+def _has_markers(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(m in value for m in _MARKERS)
+    if isinstance(value, Mapping):
+        return any(_has_markers(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_markers(v) for v in value)
+    return False

@@ -1,0 +1,203 @@
+"""The workflow language: pydantic models of a workflow definition.
+
+A workflow file looks like this (see config/workflows/ for complete examples)::
+
+    name: order-saga
+    version: 3
+    input_schema: {type: object, required: [order_id], properties: {...}}
+    timeout: 1h
+    defaults: {retry: {max_attempts: 3}}
+    steps:
+      - id: reserve
+        task: inventory.reserve            # a handler name
+        input: {sku: "{{ input.sku }}"}    # a template
+        compensate: {task: inventory.release, input: {sku: "{{ input.sku }}"}}
+      - id: approve
+        wait_for_signal: {signal: approve, timeout: 4h}
+      - id: ship
+        task: shipping.ship
+
+Rules the models enforce (the loader adds the cross-step ones: unique ids, known
+`needs`, no cycles, known handlers, templates that compile):
+
+* A step has exactly one kind: `task`, `wait_for_signal`, `sleep`, `wait_until`,
+  `parallel`, `map` or `workflow`.
+* `needs` absent means "the previous step in the same list" (none for the first);
+  `needs: []` means no dependency at all.
+* Durations are `30s`, `5m`, `1h30m`, `1d`, `250ms` or plain seconds.
+* Unknown fields are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `30s`, `5m`, `1h30m`, `250ms`, `1d` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like 30s, 5m, 1h30m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(
+                    f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m, 250ms or plain seconds"
+                ) from None
+            seconds = sum(float(n) * _DURATION_UNITS_S[u] for n, u in parts)
+    else:
+        raise ValueError("a duration must be a number of seconds or a string like 30s, 5m, 1h30m")
+    if not math.isfinite(seconds):  # nan/inf would never fire (or always fire) as a timer
+        raise ValueError(f"invalid duration {value!r}: must be a finite number")
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    return seconds
+
+
+# The JSON Schema (for editors) must describe what a file may say, not the parsed float.
+_DURATION_JSON_SCHEMA = {
+    "type": ["number", "string"],
+    "minimum": 0,
+    "description": "seconds, or a string like 30s, 5m, 1h30m, 250ms, 1d",
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_JSON_SCHEMA)]
+StepId = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")]
+# A template is any JSON-like value; strings in it may contain `{{ expression }}`.
+# A string that is exactly one `{{ expression }}` yields the expression's native value.
+Template = Any
+# An expression is Jinja2 expression syntax without the braces: `input.amount > 100`.
+Expression = str
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(_Model):
+    """Exponential backoff: delay(n) = min(initial_delay * multiplier**(n-1), max_delay),
+    then spread by +/- jitter (a fraction of the delay) using a random value that the
+    runtime supplies with the failure event."""
+
+    max_attempts: int = Field(3, ge=1, le=1000)
+    initial_delay: Duration = 1.0
+    multiplier: float = Field(2.0, ge=1.0, le=100.0)
+    max_delay: Duration = 300.0
+    jitter: float = Field(0.1, ge=0.0, le=1.0)
+    non_retryable: list[str] = Field(default_factory=list)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class Compensation(_Model):
+    task: str
+    input: Template = None
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+
+
+class SignalWait(_Model):
+    signal: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    timeout: Duration | None = None
+    # fail: the step fails (retry policy does not apply; the run fails and compensates);
+    # continue: the step succeeds with output null, so the run goes on.
+    on_timeout: Literal["fail", "continue"] = "fail"
+
+
+class MapSpec(_Model):
+    items: Expression
+    max_concurrency: int = Field(10, ge=1, le=10_000)
+    # The steps run once per item, as their own small pipeline; they see `item` and
+    # `index`. The map's output is the list of each iteration's last step output.
+    steps: list[Step] = Field(min_length=1)
+
+
+class ChildWorkflow(_Model):
+    name: str
+    input: Template = None
+    workflow_id: Template = None
+
+
+STEP_KINDS = ("task", "wait_for_signal", "sleep", "wait_until", "parallel", "map", "workflow")
+
+
+class Step(_Model):
+    id: StepId
+    # --- the kind: exactly one of these ---
+    task: str | None = None
+    wait_for_signal: SignalWait | None = None
+    sleep: Duration | None = None
+    wait_until: Template = None
+    parallel: dict[StepId, list[Step]] | None = None
+    map: MapSpec | None = None
+    workflow: ChildWorkflow | None = None
+    # --- task options ---
+    input: Template = None
+    queue: str | None = None
+    # --- common ---
+    description: str = ""
+    needs: list[StepId] | None = None
+    when: Expression | None = None
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+    compensate: Compensation | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Step:
+        kinds = [k for k in STEP_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            raise ValueError(f"a step must have exactly one of {', '.join(STEP_KINDS)} (found: {found})")
+        if self.parallel is not None and not self.parallel:
+            raise ValueError("parallel needs at least one branch")
+        if self.parallel is not None and any(not b for b in self.parallel.values()):
+            raise ValueError("every parallel branch needs at least one step")
+        if self.kind != "task" and (self.input is not None or self.queue is not None):
+            raise ValueError("input and queue belong to task steps")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STEP_KINDS if getattr(self, k) is not None)
+
+
+class Concurrency(_Model):
+    limit: int = Field(ge=1)
+    # Optional template: runs with the same rendered key share the limit.
+    key: Template = None
+
+
+class StepDefaults(_Model):
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+
+
+class Workflow(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+    version: Annotated[
+        str,
+        BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v),
+        WithJsonSchema({"type": ["string", "integer"]}),
+    ] = "1"
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+    timeout: Duration | None = None
+    concurrency: Concurrency | None = None
+    defaults: StepDefaults = StepDefaults()
+    steps: list[Step] = Field(min_length=1)
+
+
+MapSpec.model_rebuild()
+Step.model_rebuild()

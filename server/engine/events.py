@@ -1,0 +1,113 @@
+"""Events: what happened to a run. They are the engine's only input.
+
+Every event carries `at` (unix seconds) because the engine never reads a clock, and
+events that may lead to a retry carry `jitter` (a number in [0, 1) drawn by the
+runtime) because the engine never draws random numbers. Events are stored in the
+run's history verbatim; folding `decide` over them rebuilds the run's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    type: str
+    message: str
+    retryable: bool = True
+    details: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "message": self.message, "retryable": self.retryable}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    at: float
+    input: Any = None
+    event: Any = None  # the trigger (CloudEvent, webhook body, API request metadata)
+    workflow_id: str | None = None
+    by: str | None = None
+    type = "run.started"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSucceeded:
+    task_id: str
+    at: float
+    output: Any = None
+    type = "task.succeeded"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    task_id: str
+    at: float
+    error: ErrorInfo = field(default_factory=lambda: ErrorInfo("Error", "failed"))
+    jitter: float = 0.5
+    type = "task.failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    timer_id: str
+    at: float
+    jitter: float = 0.5
+    type = "timer.fired"
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    name: str
+    at: float
+    payload: Any = None
+    by: str | None = None
+    type = "signal.received"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    at: float
+    reason: str = "cancelled"
+    by: str | None = None
+    type = "run.cancel_requested"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRequested:
+    at: float
+    by: str | None = None
+    type = "run.retry_requested"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFinished:
+    key: str
+    at: float
+    status: str
+    output: Any = None
+    error: ErrorInfo | None = None
+    type = "child.finished"
+
+
+Event = Start | TaskSucceeded | TaskFailed | TimerFired | SignalReceived | CancelRequested | RetryRequested | ChildFinished
+EVENT_TYPES: dict[str, type] = {
+    cls.type: cls
+    for cls in (Start, TaskSucceeded, TaskFailed, TimerFired, SignalReceived, CancelRequested, RetryRequested, ChildFinished)
+}
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    return asdict(event)
+
+
+def event_from_dict(type_: str, data: dict[str, Any]) -> Event:
+    cls = EVENT_TYPES[type_]
+    if "error" in data and isinstance(data["error"], dict):
+        data = {**data, "error": ErrorInfo(**data["error"])}
+    return cls(**data)

@@ -1,0 +1,80 @@
+"""One exception tree for Baton; the API maps each class to an HTTP status in one table.
+
+    BatonError
+    ├── DefinitionError          a workflow file is invalid (carries file:line: field: message)
+    ├── ExpressionError          a template or condition failed to compile or render
+    ├── NotFound
+    │   ├── WorkflowNotFound
+    │   └── RunNotFound
+    ├── InvalidInput             run input does not match the workflow's input_schema
+    ├── Conflict                 the request contradicts the run's state (e.g. signal to a finished run)
+    ├── PayloadTooLarge
+    ├── BadRequest               malformed request (e.g. JSON that does not parse)
+    ├── StoreError               the store failed (disk full, read-only, corrupt)
+    └── ConfigError              baton.yaml or environment settings are invalid
+"""
+
+from __future__ import annotations
+
+
+class BatonError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict:
+        body = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class DefinitionError(BatonError):
+    code = "invalid_definition"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ExpressionError(BatonError):
+    code = "expression_error"
+
+
+class NotFound(BatonError):
+    code = "not_found"
+
+
+class WorkflowNotFound(NotFound):
+    code = "workflow_not_found"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
+class InvalidInput(BatonError):
+    code = "invalid_input"
+
+
+class Conflict(BatonError):
+    code = "conflict"
+
+
+class PayloadTooLarge(BatonError):
+    code = "payload_too_large"
+
+
+class BadRequest(BatonError):
+    code = "bad_request"
+
+
+class StoreError(BatonError):
+    code = "store_error"
+
+
+class ConfigError(BatonError):
+    code = "invalid_config"
