@@ -11,6 +11,7 @@
     ├── PayloadTooLarge
     ├── BadRequest               malformed request (e.g. JSON that does not parse)
     ├── StoreError               the store failed (disk full, read-only, corrupt)
+    ├── Unavailable              shutting down, or not ready: try again later
     └── ConfigError              baton.yaml or environment settings are invalid
 """
 
@@ -78,3 +79,9 @@ class StoreError(BatonError):
 
 class ConfigError(BatonError):
     code = "invalid_config"
+
+
+class Unavailable(BatonError):
+    """The server is shutting down or its store is failing: try again later."""
+
+    code = "unavailable"

@@ -572,3 +572,13 @@ def test_engine_imports_nothing_that_does_io_or_reads_clocks():
 def test_commands_are_comparable_values():
     assert ExecuteTask("t", "k", "k", "h", {"a": 1}, 1) == ExecuteTask("t", "k", "k", "h", {"a": 1}, 1)
     assert StartTimer("x", 1.0) != StartTimer("x", 2.0)
+
+
+def test_inflight_commands_rebuild_the_dispatched_tasks():
+    from server.engine.decide import inflight_commands
+
+    sim = Sim(workflow(PARALLEL))
+    sim.start()
+    assert sorted(inflight_commands(sim.state), key=lambda c: c.key) == sorted(sim.inflight(), key=lambda c: c.key)
+    sim.succeed("l1", "x")
+    assert sorted(c.task_id for c in inflight_commands(sim.state)) == sorted(c.task_id for c in sim.inflight())

@@ -22,8 +22,28 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.errors import ExpressionError
 
+# Sizes an expression may build with `*` and `**`: beyond these a template is an attack
+# (or a bug), not a workflow. Jinja's sandbox does not bound them itself.
+MAX_REPEAT_LEN = 100_000
+MAX_POWER_EXPONENT = 1_000
+
+
 class _Environment(ImmutableSandboxedEnvironment):
-    """Data before methods: `input.items` is the `items` key of the input, not `dict.items`."""
+    """Data before methods: `input.items` is the `items` key of the input, not `dict.items`.
+    Multiplication and powers are bounded so a template cannot hang the engine."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
+                raise ExpressionError(f"exponent {right} is larger than {MAX_POWER_EXPONENT}")
+            return left ** right
+        for seq, count in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                if len(seq) * count > MAX_REPEAT_LEN:
+                    raise ExpressionError(f"repetition would build {len(seq) * count} items (limit {MAX_REPEAT_LEN})")
+        return left * right
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if isinstance(obj, Mapping):

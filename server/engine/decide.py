@@ -50,6 +50,7 @@ from server.engine.state import (
 from server.errors import ExpressionError
 
 RUN_TIMEOUT = "run-timeout"
+ITEMS_SUFFIX = "#items"
 
 
 def decide(state: RunState, event: Event) -> tuple[RunState, list[Command]]:
@@ -60,6 +61,31 @@ def decide(state: RunState, event: Event) -> tuple[RunState, list[Command]]:
 
 def new_run(run_id: str, graph: Any) -> RunState:
     return RunState(run_id=run_id, graph=graph)
+
+
+def inflight_commands(state: RunState) -> list[Command]:
+    """The effects a crash may have cut short: every in-flight task and child start,
+    rebuilt from the committed state (rendering is pure, so inputs come out the same).
+    The runtime re-dispatches them after a restart: at-least-once, same task ids."""
+    d = _Decider(state, state.created_at or 0.0)
+    out: list[Command] = []
+    for task_id, (key, phase, attempt) in state.tasks.items():
+        node = d.nodes[key.rpartition("/")[2]]
+        ctx = d._ctx(key)
+        if phase == "step":
+            rendered = node.input.render(ctx) if node.input is not None else None
+            out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, attempt, node.timeout_s, node.step.queue))
+        else:
+            comp = node.step.compensate
+            rendered = node.compensate_input.render(ctx) if node.compensate_input is not None else None
+            out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, attempt, comp.timeout, node.step.queue, compensation=True))
+    for key in state.children:
+        node = d.nodes[key.rpartition("/")[2]]
+        ctx = d._ctx(key)
+        child_input = node.child_input.render(ctx) if node.child_input is not None else None
+        child_wid = node.child_workflow_id.render(ctx) if node.child_workflow_id is not None else None
+        out.append(StartChild(key, node.step.workflow.name, child_input, None if child_wid is None else str(child_wid)))
+    return out
 
 
 def prefix_of(key: str) -> str:
@@ -321,6 +347,7 @@ class _Decider:
             self._fail_step(key, ErrorInfo("ExpressionError", f"map.items must be a list, got {type(items).__name__}", False))
             return
         st.status, st.items, st.next_index, st.active, st.done = RUNNING, items, 0, 0, 0
+        self._dirty(key + ITEMS_SUFFIX)  # the items are persisted once, in a row of their own
         if not items:
             self._succeed(key, [])
             return
@@ -660,4 +687,4 @@ _DISPATCH = {
     ChildFinished: _Decider.on_child_finished,
 }
 
-__all__ = ["decide", "new_run", "prefix_of", "RUN_TIMEOUT", "PENDING"]
+__all__ = ["decide", "inflight_commands", "new_run", "prefix_of", "RUN_TIMEOUT", "PENDING"]

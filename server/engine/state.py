@@ -104,7 +104,9 @@ class RunState:
     comp_queue: list[str] = field(default_factory=list)
     comp_outcome: str = COMPENSATED  # the status to end in when compensation goes well
     comp_failed: bool = False
-    # bookkeeping for persistence, not part of the run's meaning
+    # bookkeeping for the runtime, not part of the run's meaning: the engine ignores them
+    parent: list[str] | None = None  # [parent run id, step key] for a child workflow run
+    seq: int = 0  # last history sequence number written
     dirty: set[str] = field(default_factory=set)
 
     @property
@@ -130,7 +132,7 @@ class RunState:
             "output": self.output, "error": self.error, "completed": self.completed,
             "remaining": self.remaining, "tasks": self.tasks, "timers": self.timers, "signals": self.signals,
             "children": self.children, "comp_queue": self.comp_queue, "comp_outcome": self.comp_outcome,
-            "comp_failed": self.comp_failed,
+            "comp_failed": self.comp_failed, "parent": self.parent, "seq": self.seq,
         }
 
     @classmethod
@@ -142,4 +144,4 @@ class RunState:
 
     def view(self) -> dict[str, Any]:
         """A comparable snapshot of everything that carries meaning (tests compare these)."""
-        return {**self.to_dict(), "steps": {k: s.to_dict() | {"items": s.items} for k, s in self.steps.items()}}
+        return {**self.to_dict(), "seq": None, "steps": {k: s.to_dict() | {"items": s.items} for k, s in self.steps.items()}}

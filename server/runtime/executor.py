@@ -1,0 +1,103 @@
+"""Runs in-process handlers: one asyncio task per attempt, under a global and a
+per-workflow concurrency limit. Every outcome goes back to the engine as an event;
+a cancelled attempt reports nothing (the engine already moved on from it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import orjson
+
+from handlers import NonRetryableError, Registry, invoke
+from handlers.context import Context, error_type_name
+from server.engine.commands import ExecuteTask
+from server.engine.events import ErrorInfo, Event, TaskFailed, TaskSucceeded
+from server.runtime.clock import Clock
+
+log = logging.getLogger("baton.executor")
+
+
+class RunInfo:
+    """What a handler's Context needs to know about its run."""
+
+    __slots__ = ("run_id", "workflow", "version", "workflow_id")
+
+    def __init__(self, run_id: str, workflow: str, version: str, workflow_id: str | None) -> None:
+        self.run_id, self.workflow, self.version, self.workflow_id = run_id, workflow, version, workflow_id
+
+
+class Executor:
+    def __init__(self, registry: Registry, clock: Clock, report: Callable[[str, Event], None], *,
+                 max_tasks: int, max_tasks_per_workflow: int) -> None:
+        self._registry = registry
+        self._clock = clock
+        self._report = report
+        self._global = asyncio.Semaphore(max_tasks)
+        self._per_workflow: dict[str, asyncio.Semaphore] = {}
+        self._per_workflow_limit = max_tasks_per_workflow
+        self._running: dict[str, asyncio.Task] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def submit(self, cmd: ExecuteTask, run: RunInfo) -> None:
+        if cmd.task_id in self._running:
+            return  # the same attempt is already running here (a recovered duplicate)
+        task = asyncio.create_task(self._run(cmd, run), name=cmd.task_id)
+        self._running[cmd.task_id] = task
+        task.add_done_callback(lambda _t, tid=cmd.task_id: self._running.pop(tid, None))
+
+    def cancel(self, task_id: str) -> None:
+        task = self._running.get(task_id)
+        if task is not None:
+            task.cancel()
+
+    async def drain(self, grace_s: float) -> int:
+        """Let running handlers finish for up to grace_s, then cancel the rest.
+        Returns how many were cancelled (they run again after the restart)."""
+        pending = list(self._running.values())
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+            return len(still)
+        return 0
+
+    async def _run(self, cmd: ExecuteTask, run: RunInfo) -> None:
+        sem = self._per_workflow.get(run.workflow)
+        if sem is None:
+            sem = self._per_workflow[run.workflow] = asyncio.Semaphore(self._per_workflow_limit)
+        async with self._global, sem:
+            event = await self._attempt(cmd, run)
+        self._report(run.run_id, event)
+
+    async def _attempt(self, cmd: ExecuteTask, run: RunInfo) -> Event:
+        try:
+            fn = self._registry.get(cmd.handler)
+        except KeyError as exc:
+            return self._failed(cmd, ErrorInfo("UnknownHandler", str(exc.args[0]) if exc.args else cmd.handler, False))
+        ctx = Context(
+            workflow=run.workflow, version=run.version, workflow_id=run.workflow_id, run_id=run.run_id,
+            step_id=cmd.key, task_id=cmd.task_id, attempt=cmd.attempt, idempotency_key=cmd.task_id,
+            compensation=cmd.compensation,
+            deadline=self._clock.now() + cmd.timeout_s if cmd.timeout_s is not None else None,
+        )
+        try:
+            output = await invoke(fn, ctx, cmd.input, name=cmd.handler)
+        except asyncio.CancelledError:
+            raise
+        except NonRetryableError as exc:
+            return self._failed(cmd, ErrorInfo(error_type_name(exc), str(exc), False, exc.details))
+        except Exception as exc:  # a handler's error is data for the engine, whatever its type
+            return self._failed(cmd, ErrorInfo(type(exc).__name__, str(exc) or repr(exc), True))
+        try:
+            orjson.dumps(output)
+        except TypeError as exc:
+            return self._failed(cmd, ErrorInfo("OutputNotJSON", f"handler {cmd.handler!r} returned a value that is not JSON: {exc}", False))
+        return TaskSucceeded(cmd.task_id, self._clock.now(), output)
+
+    def _failed(self, cmd: ExecuteTask, error: ErrorInfo) -> TaskFailed:
+        return TaskFailed(cmd.task_id, self._clock.now(), error, self._clock.jitter())

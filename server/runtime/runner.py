@@ -1,0 +1,502 @@
+"""The runtime: events in, decide, commit, then act.
+
+    inbox ──> pump: take a batch of events (many runs) ──> decide each
+                    ──> ONE store commit for the whole batch (group commit)
+                    ──> dispatch the commands: handlers, timers, children, waiters
+
+Nothing acts before its transition is committed, so a crash anywhere loses no
+committed step and re-runs at most the attempts that were in flight (with the same
+task ids, hence the same idempotency keys). Runs waiting for a signal or a timer
+are not kept in memory: their state is in the store and is loaded when an event
+for them arrives. Checks that depend on a run's state (a signal needs a waiting
+step, a workflow_id must not name another open run) run inside the pump, so they
+are atomic with the decision they guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
+
+from handlers import Registry
+from server.definitions.catalog import Catalog
+from server.definitions.loader import LoadedWorkflow
+from server.definitions.models import Workflow
+from server.engine.commands import (
+    CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, RunFinished, StartChild, StartTimer,
+)
+from server.engine.decide import decide, inflight_commands, new_run
+from server.engine.events import (
+    CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TimerFired,
+)
+from server.engine.graph import CompiledWorkflow, compile_workflow
+from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, RunState
+from server.errors import BatonError, Conflict, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound
+from server.runtime.clock import Clock, SystemClock
+from server.runtime.executor import Executor, RunInfo
+from server.runtime.persist import history_rows, load_state, run_row, step_rows
+from server.runtime.timers import Timers
+from server.settings import Limits
+from server.store.base import TERMINAL, Batch, DefinitionRow, RunRow, Store, TimerRow
+
+log = logging.getLogger("baton.runtime")
+
+MAX_BATCH = 1024  # events decided per commit; bounds the latency one commit adds
+Check = Callable[[RunState], Awaitable[Any]]
+
+
+class _Item:
+    __slots__ = ("run_id", "event", "check", "future", "new_state")
+
+    def __init__(self, run_id: str, event: Event, check: Check | None = None,
+                 future: asyncio.Future | None = None, new_state: RunState | None = None) -> None:
+        self.run_id, self.event, self.check, self.future, self.new_state = run_id, event, check, future, new_state
+
+
+_STOP = object()
+
+
+class Runtime:
+    def __init__(self, store: Store, catalog: Catalog, registry: Registry, limits: Limits,
+                 clock: Clock | None = None) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.clock = clock or SystemClock()
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._cache: dict[str, RunState] = {}
+        self._graphs: dict[str, CompiledWorkflow] = {}
+        self._validators: dict[str, Draft202012Validator] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._open_wids: dict[tuple[str, str], str] = {}
+        self._pump_task: asyncio.Task | None = None
+        self._accepting = False
+        self._store_ok = True
+        self.executor = Executor(registry, self.clock, self._submit_internal,
+                                 max_tasks=limits.max_concurrent_tasks,
+                                 max_tasks_per_workflow=limits.max_concurrent_tasks_per_workflow)
+        self.timers = Timers(store, self.clock, self._timer_fired)
+
+    # ------------------------------------------------------------- lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._store_ok
+
+    async def start(self) -> None:
+        now = self.clock.now()
+        for name in self.catalog.names():
+            for loaded in self.catalog.versions(name):
+                self._graphs[loaded.def_hash] = loaded.compiled
+                source = orjson.dumps(loaded.model.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+                await self.store.put_definition(DefinitionRow(loaded.def_hash, loaded.model.name, loaded.model.version, source, now))
+        self._pump_task = asyncio.create_task(self._pump(), name="baton-pump")
+        recovered = await self._recover()
+        await self.timers.start()
+        self._accepting = True
+        log.info("runtime started: %d workflows, %d runs recovered, %d timers near", len(self.catalog), recovered, len(self.timers))
+
+    async def stop(self, grace_s: float) -> None:
+        self._accepting = False
+        cancelled = await self.executor.drain(grace_s)
+        if cancelled:
+            log.warning("%d handler attempts did not finish within %.1fs; they run again after restart", cancelled, grace_s)
+        await self.timers.stop()
+        if self._pump_task is not None:
+            self._inbox.put_nowait(_STOP)
+            await self._pump_task
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+    async def _recover(self) -> int:
+        rows = await self.store.recoverable_runs()
+        for row in rows:
+            state = await self._state(row.run_id, row)
+            if state is None:
+                continue
+            self._cache[state.run_id] = state
+            if state.workflow_id and not state.terminal:
+                self._open_wids[(state.workflow, state.workflow_id)] = state.run_id
+            self._dispatch(state, inflight_commands(state))
+        return len(rows)
+
+    # ------------------------------------------------------------ operations
+
+    def workflows(self) -> list[dict[str, Any]]:
+        return [self._workflow_view(self.catalog.latest(name)) for name in self.catalog.names()]
+
+    def workflow(self, name: str) -> dict[str, Any]:
+        loaded = self.catalog.latest(name)
+        if loaded is None:
+            raise WorkflowNotFound(f"unknown workflow {name!r}", field="name")
+        return self._workflow_view(loaded)
+
+    async def start_run(self, workflow: str, input: Any, *, workflow_id: str | None = None, version: str | None = None,
+                        event: Any = None, by: str | None = None, run_id: str | None = None,
+                        parent: list[str] | None = None) -> tuple[dict[str, Any], bool]:
+        self._require_accepting()
+        loaded = self._resolve(workflow, version)
+        self._validate_input(loaded, input)
+        state = new_run(run_id or uuid.uuid4().hex, loaded.compiled)
+        state.parent = parent
+        start = Start(self.clock.now(), input=input, event=event, workflow_id=workflow_id, by=by)
+
+        async def check(st: RunState) -> Any:
+            if workflow_id is None:
+                return None
+            existing = await self._open_run_with(loaded.model.name, workflow_id)
+            if existing is not None:
+                return existing
+            self._open_wids[(loaded.model.name, workflow_id)] = st.run_id
+            return None
+
+        result = await self._submit(state.run_id, start, check, new_state=state)
+        if isinstance(result, RunRow):
+            return _summary_row(result), False
+        return result, True
+
+    async def signal(self, run_id: str, name: str, payload: Any = None, *, by: str | None = None) -> dict[str, Any]:
+        self._require_accepting()
+
+        async def check(st: RunState) -> None:
+            _require_open(st, f"signal {name!r}")
+            if not st.waiting_for(name):
+                waiting = ", ".join(sorted(st.signals)) or "none"
+                raise Conflict(f"no step of run {st.run_id} is waiting for signal {name!r} (waiting for: {waiting})", field="name")
+
+        return await self._submit(run_id, SignalReceived(name, self.clock.now(), payload, by), check)
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled", by: str | None = None) -> dict[str, Any]:
+        self._require_accepting()
+
+        async def check(st: RunState) -> None:
+            _require_open(st, "cancel")
+            if st.status == COMPENSATING:
+                raise Conflict(f"run {st.run_id} is already failing and compensating")
+
+        return await self._submit(run_id, CancelRequested(self.clock.now(), reason, by), check)
+
+    async def retry(self, run_id: str, *, by: str | None = None) -> dict[str, Any]:
+        self._require_accepting()
+
+        async def check(st: RunState) -> None:
+            if st.status not in (FAILED, COMPENSATED, CANCELLED):
+                raise Conflict(f"run {st.run_id} is {st.status}: only failed, compensated or cancelled runs can be retried")
+
+        return await self._submit(run_id, RetryRequested(self.clock.now(), by), check)
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        row = await self.store.get_run(run_id)
+        if row is None:
+            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        steps = await self.store.get_steps(run_id)
+        graph = await self._graph(row.def_hash)
+        state = load_state(row, steps, graph)
+        return _detail(row, state)
+
+    async def list_runs(self, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+        rows, cursor = await self.store.list_runs(**filters)
+        return [_summary_row(r) for r in rows], cursor
+
+    async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        if await self.store.get_run(run_id) is None:
+            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        rows = await self.store.history(run_id, after_seq=after_seq, limit=limit)
+        return [{"seq": r.seq, "at": iso(r.at), "type": r.type, "key": r.key, "data": orjson.loads(r.data)} for r in rows]
+
+    async def wait(self, run_id: str, timeout_s: float) -> dict[str, Any]:
+        row = await self.store.get_run(run_id)
+        if row is None:
+            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        if row.status in TERMINAL:
+            return _summary_row(row)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            row = await self.store.get_run(run_id)
+            return _summary_row(row)
+        finally:
+            waiting = self._waiters.get(run_id)
+            if waiting and fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._waiters[run_id]
+
+    # -------------------------------------------------------------- the pump
+
+    async def _submit(self, run_id: str, event: Event, check: Check | None = None,
+                      new_state: RunState | None = None) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Item(run_id, event, check, fut, new_state))
+        return await fut
+
+    def _submit_internal(self, run_id: str, event: Event) -> None:
+        self._inbox.put_nowait(_Item(run_id, event))
+
+    def _timer_fired(self, run_id: str, timer_id: str) -> None:
+        self._submit_internal(run_id, TimerFired(timer_id, self.clock.now(), self.clock.jitter()))
+
+    async def _pump(self) -> None:
+        while True:
+            items = [await self._inbox.get()]
+            while len(items) < MAX_BATCH and not self._inbox.empty():
+                items.append(self._inbox.get_nowait())
+            stop = any(item is _STOP for item in items)
+            items = [item for item in items if item is not _STOP]
+            if items:
+                try:
+                    await self._process(items)
+                except Exception:  # the pump must survive anything one batch does
+                    log.exception("batch of %d events failed", len(items))
+                    for item in items:
+                        _fail(item, Unavailable("internal error while processing the request"))
+            if stop:
+                return
+
+    async def _process(self, items: list[_Item]) -> None:
+        batch = Batch()
+        decided: list[tuple[RunState, list[Command], _Item]] = []
+        touched: dict[str, RunState] = {}
+        timer_ops: dict[tuple[str, str], float | None] = {}
+        for item in items:
+            try:
+                state = item.new_state or await self._state(item.run_id)
+                if state is None:
+                    raise RunNotFound(f"unknown run {item.run_id!r}", field="run_id")
+                if item.check is not None:
+                    early = await item.check(state)
+                    if early is not None:
+                        _resolve(item, early)
+                        continue
+            except BatonError as exc:
+                _fail(item, exc)
+                continue
+            if item.new_state is not None:
+                self._cache[state.run_id] = state
+            _, commands = decide(state, item.event)
+            batch.history += history_rows(state, item.event.at, item.event, commands)
+            if isinstance(item.event, TimerFired):
+                timer_ops[(state.run_id, item.event.timer_id)] = None
+            for cmd in commands:
+                if isinstance(cmd, StartTimer):
+                    timer_ops[(state.run_id, cmd.timer_id)] = cmd.fire_at
+                elif isinstance(cmd, CancelTimer):
+                    timer_ops[(state.run_id, cmd.timer_id)] = None
+            touched[state.run_id] = state
+            decided.append((state, commands, item))
+        if not decided:
+            return
+        now = self.clock.now()
+        for state in touched.values():
+            batch.runs.append(run_row(state, now))
+            batch.steps += step_rows(state)
+        for (run_id, timer_id), fire_at in timer_ops.items():
+            if fire_at is None:
+                batch.timers_deleted.append((run_id, timer_id))
+            else:
+                batch.timers_set.append(TimerRow(run_id, timer_id, fire_at))
+        try:
+            await self.store.commit(batch)
+        except BatonError as exc:
+            self._store_ok = False
+            log.error("commit of %d runs failed: %s", len(touched), exc.message)
+            for state in touched.values():  # memory ran ahead of the store: forget it
+                self._cache.pop(state.run_id, None)
+                if state.workflow_id:
+                    self._open_wids.pop((state.workflow, state.workflow_id), None)
+            for _, _, item in decided:
+                _fail(item, exc)
+            return
+        self._store_ok = True
+        for state, commands, item in decided:
+            self._dispatch(state, commands)
+            _resolve(item, _summary(state))
+        for state in touched.values():
+            if state.terminal or not (state.tasks or state.children):
+                self._cache.pop(state.run_id, None)  # waiting or done: the store holds it
+
+    def _dispatch(self, state: RunState, commands: list[Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, ExecuteTask):
+                self.executor.submit(cmd, RunInfo(state.run_id, state.workflow, state.version, state.workflow_id))
+            elif isinstance(cmd, CancelTask):
+                self.executor.cancel(cmd.task_id)
+            elif isinstance(cmd, StartTimer):
+                self.timers.arm(state.run_id, cmd.timer_id, cmd.fire_at)
+            elif isinstance(cmd, CancelTimer):
+                self.timers.disarm(state.run_id, cmd.timer_id)
+            elif isinstance(cmd, StartChild):
+                asyncio.create_task(self._start_child(state.run_id, state.attempt, cmd))
+            elif isinstance(cmd, CancelChild):
+                asyncio.create_task(self._cancel_child(_child_run_id(state.run_id, cmd.key, state.attempt)))
+            elif isinstance(cmd, RunFinished):
+                self._finished(state, cmd)
+
+    def _finished(self, state: RunState, cmd: RunFinished) -> None:
+        if state.workflow_id:
+            self._open_wids.pop((state.workflow, state.workflow_id), None)
+        summary = _summary(state)
+        for fut in self._waiters.pop(state.run_id, []):
+            if not fut.done():
+                fut.set_result(summary)
+        if state.parent:
+            parent_id, key = state.parent
+            error = ErrorInfo(**{k: v for k, v in cmd.error.items() if k in ("type", "message", "retryable", "details")}) if cmd.error else None
+            self._submit_internal(parent_id, ChildFinished(key, self.clock.now(), cmd.status, cmd.output, error))
+
+    async def _start_child(self, parent_id: str, attempt: int, cmd: StartChild) -> None:
+        child_id = _child_run_id(parent_id, cmd.key, attempt)
+        if await self.store.get_run(child_id) is not None:
+            return  # started before a restart; its end will reach the parent
+        try:
+            await self.start_run(cmd.workflow, cmd.input, workflow_id=cmd.workflow_id, run_id=child_id,
+                                 parent=[parent_id, cmd.key], by=f"run:{parent_id}")
+        except BatonError as exc:
+            self._submit_internal(parent_id, ChildFinished(cmd.key, self.clock.now(), FAILED, None,
+                                                           ErrorInfo(type(exc).__name__, exc.message, False)))
+
+    async def _cancel_child(self, child_id: str) -> None:
+        try:
+            await self.cancel(child_id, reason="parent run stopped", by="parent")
+        except BatonError:
+            pass  # already finished, or never started
+
+    # --------------------------------------------------------------- helpers
+
+    async def _state(self, run_id: str, row: RunRow | None = None) -> RunState | None:
+        state = self._cache.get(run_id)
+        if state is not None:
+            return state
+        row = row or await self.store.get_run(run_id)
+        if row is None:
+            return None
+        graph = await self._graph(row.def_hash)
+        return load_state(row, await self.store.get_steps(run_id), graph)
+
+    async def _graph(self, def_hash: str) -> CompiledWorkflow:
+        graph = self._graphs.get(def_hash)
+        if graph is None:  # a run pinned to a version no longer in the files
+            row = await self.store.get_definition(def_hash)
+            if row is None:
+                raise WorkflowNotFound(f"definition {def_hash[:12]} is not stored")
+            graph = compile_workflow(Workflow.model_validate(orjson.loads(row.source)), def_hash)
+            self._graphs[def_hash] = graph
+        return graph
+
+    async def _open_run_with(self, workflow: str, workflow_id: str) -> RunRow | None:
+        run_id = self._open_wids.get((workflow, workflow_id))
+        if run_id is not None:
+            cached = self._cache.get(run_id)
+            if cached is not None and not cached.terminal:
+                return run_row(cached, self.clock.now())
+        row = await self.store.find_open_run(workflow, workflow_id)
+        return row
+
+    def _resolve(self, name: str, version: str | None) -> LoadedWorkflow:
+        if version is None:
+            loaded = self.catalog.latest(name)
+        else:
+            loaded = next((w for w in self.catalog.versions(name) if w.model.version == str(version)), None)
+        if loaded is None:
+            known = ", ".join(self.catalog.names()) or "none"
+            what = f"{name!r}" if version is None else f"{name!r} version {version!r}"
+            raise WorkflowNotFound(f"unknown workflow {what} (known: {known})", field="workflow")
+        return loaded
+
+    def _validate_input(self, loaded: LoadedWorkflow, input: Any) -> None:
+        schema = loaded.model.input_schema
+        if schema is None:
+            return
+        validator = self._validators.get(loaded.def_hash)
+        if validator is None:
+            validator = self._validators[loaded.def_hash] = Draft202012Validator(schema)
+        error = next(iter(sorted(validator.iter_errors(input), key=lambda e: list(e.absolute_path))), None)
+        if error is not None:
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            raise InvalidInput(f"input{path}: {error.message}", field=f"input{path}")
+
+    def _require_accepting(self) -> None:
+        if not self._accepting:
+            raise Unavailable("Baton is not accepting work (starting up or shutting down)")
+
+    def _workflow_view(self, loaded: LoadedWorkflow) -> dict[str, Any]:
+        model = loaded.model
+        return {
+            "name": model.name, "version": model.version, "def_hash": loaded.def_hash,
+            "description": model.description, "steps": [s.id for s in model.steps],
+            "input_schema": model.input_schema,
+            "versions": [w.model.version for w in self.catalog.versions(model.name)],
+        }
+
+
+def _require_open(state: RunState, what: str) -> None:
+    if state.terminal:
+        raise Conflict(f"cannot {what}: run {state.run_id} is already {state.status}")
+
+
+def _resolve(item: _Item, value: Any) -> None:
+    if item.future is not None and not item.future.done():
+        item.future.set_result(value)
+
+
+def _fail(item: _Item, exc: BaseException) -> None:
+    if item.future is not None and not item.future.done():
+        item.future.set_exception(exc)
+
+
+def _child_run_id(parent_id: str, key: str, attempt: int) -> str:
+    digest = hashlib.sha1(f"{key}:{attempt}".encode()).hexdigest()[:8]
+    return f"{parent_id}-{re.sub(r'[^A-Za-z0-9_-]', '_', key)[:40]}-{digest}"
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _summary(state: RunState) -> dict[str, Any]:
+    return {
+        "run_id": state.run_id, "workflow": state.workflow, "version": state.version,
+        "workflow_id": state.workflow_id, "status": state.status, "attempt": state.attempt,
+        "created_at": iso(state.created_at), "finished_at": iso(state.finished_at),
+    }
+
+
+def _summary_row(row: RunRow) -> dict[str, Any]:
+    return {
+        "run_id": row.run_id, "workflow": row.workflow, "version": row.version, "workflow_id": row.workflow_id,
+        "status": row.status, "attempt": orjson.loads(row.data).get("attempt", 0),
+        "created_at": iso(row.created_at), "updated_at": iso(row.updated_at), "finished_at": iso(row.finished_at),
+    }
+
+
+def _detail(row: RunRow, state: RunState) -> dict[str, Any]:
+    nodes = state.graph.nodes
+    steps = []
+    for key, st in state.steps.items():
+        duration = st.finished_at - st.started_at if st.finished_at and st.started_at else None
+        steps.append({
+            "key": key, "step_id": st.step_id, "kind": nodes[st.step_id].kind, "status": st.status,
+            "attempt": st.attempt, "output": st.output, "error": st.error,
+            "started_at": iso(st.started_at), "finished_at": iso(st.finished_at),
+            "duration_s": round(duration, 6) if duration is not None else None,
+            "compensation": None if st.compensation is None else
+            {"status": st.compensation, "attempt": st.comp_attempt, "error": st.comp_error},
+        })
+    return {
+        **_summary_row(row), "input": state.input, "output": state.output, "error": state.error,
+        "waiting_for": sorted(state.signals), "steps": steps,
+    }

@@ -1,0 +1,160 @@
+"""The store: durable records of runs, steps, history, timers and definitions.
+
+Rules every implementation keeps:
+
+* `commit(batch)` is all or nothing, and durable when it returns. Nothing else
+  writes runs, steps, history or timers, so "decide, commit, act" holds: the
+  runtime dispatches a batch's commands only after its commit returned.
+* Batches apply in the order `commit` was called. Inside one batch, upserts apply
+  before deletes (a step or timer both upserted and deleted ends up deleted).
+* Upserts are keyed by `run_id`, `(run_id, key)` and `(run_id, timer_id)`. A
+  run's identity (workflow, version, def_hash, workflow_id, created_at) is
+  written when the run is first stored; later upserts update status,
+  updated_at, finished_at, inflight and data. A step upsert replaces the row but
+  keeps the step's place in `get_steps`; a step deleted and written again goes
+  last.
+* A run is open while its status is not in `TERMINAL`. Two open runs of one
+  workflow never share a `workflow_id`: the batch that would make it so fails
+  with `Conflict`, and no other batch is affected. Re-inserting an existing
+  `(run_id, seq)` history row is also a `Conflict`.
+* Any other failure of the store (disk full, read-only file, corruption) is a
+  `StoreError`. Implementations map their library's exceptions to these two.
+* `data` and `source` fields are opaque bytes owned by the engine (JSON).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+TERMINAL = ("succeeded", "failed", "compensated", "cancelled")
+# Open runs that recovery resumes even with nothing in flight: a queued run has
+# not started yet, a compensating run still has undo steps to schedule.
+RESUMABLE = ("queued", "compensating")
+
+
+@dataclass(slots=True)
+class RunRow:
+    run_id: str
+    workflow: str
+    version: str
+    def_hash: str
+    workflow_id: str | None
+    status: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    inflight: int  # tasks dispatched and not yet finished
+    data: bytes
+
+
+@dataclass(slots=True)
+class StepRow:
+    run_id: str
+    key: str
+    step_id: str
+    status: str
+    attempt: int
+    started_at: float | None
+    finished_at: float | None
+    data: bytes
+
+
+@dataclass(slots=True)
+class HistoryRow:
+    run_id: str
+    seq: int
+    at: float
+    type: str
+    key: str | None
+    data: bytes
+
+
+@dataclass(slots=True)
+class TimerRow:
+    run_id: str
+    timer_id: str
+    fire_at: float
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one decision writes; committed in one transaction."""
+
+    runs: list[RunRow] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
+    timers_set: list[TimerRow] = field(default_factory=list)
+    timers_deleted: list[tuple[str, str]] = field(default_factory=list)  # (run_id, timer_id)
+    steps_deleted: list[tuple[str, str]] = field(default_factory=list)  # (run_id, key)
+
+
+@dataclass(slots=True)
+class DefinitionRow:
+    def_hash: str
+    name: str
+    version: str
+    source: bytes
+    created_at: float
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Create the database if needed, bring its schema up to date, start writing."""
+
+    async def close(self) -> None:
+        """Finish the commits already requested, then release the database."""
+
+    async def commit(self, batch: Batch) -> None:
+        """Write the batch atomically; durable on return. Raises Conflict or StoreError."""
+
+    async def get_run(self, run_id: str) -> RunRow | None: ...
+
+    async def get_runs(self, run_ids: list[str]) -> list[RunRow]:
+        """The runs that exist, in the order of `run_ids`."""
+
+    async def get_steps(self, run_id: str) -> list[StepRow]:
+        """The run's steps in the order they were first written."""
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        workflow_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRow], str | None]:
+        """Newest first by (created_at, run_id), `since <= created_at < until`.
+
+        Returns a page and the cursor of the next page (None on the last page).
+        A cursor this store did not issue raises BadRequest.
+        """
+
+    async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[HistoryRow]:
+        """History rows with seq > after_seq, by seq."""
+
+    async def recoverable_runs(self) -> list[RunRow]:
+        """Open runs with tasks in flight, or with status in RESUMABLE."""
+
+    async def find_open_run(self, workflow: str, workflow_id: str) -> RunRow | None: ...
+
+    async def due_timers(self, until: float, limit: int) -> list[TimerRow]:
+        """Timers with fire_at <= until, earliest first."""
+
+    async def next_timer_at(self) -> float | None: ...
+
+    async def count_timers(self) -> int: ...
+
+    async def put_definition(self, row: DefinitionRow) -> None:
+        """Store a definition; a def_hash already stored is left as it is."""
+
+    async def get_definition(self, def_hash: str) -> DefinitionRow | None: ...
+
+    async def list_definitions(self, name: str | None = None) -> list[DefinitionRow]:
+        """By name, then oldest first."""
+
+    async def integrity_check(self) -> str:
+        """"ok" when the database is healthy, else the problems found."""

@@ -1,0 +1,612 @@
+"""The SQLite store: one file in WAL mode, one writer with group commit, one reader.
+
+Why it is shaped this way (figures: shared/NOTES.md, "SQLite"):
+
+* A commit costs a WAL write (plus an fsync with synchronous=FULL) and every call
+  into a SQLite thread costs a hop. One transaction per transition tops out near
+  8k/s; ~200 transitions per transaction pass 100k/s. So `commit()` only
+  enqueues; one writer task takes everything queued (up to `MAX_GROUP_BATCHES`),
+  writes it as one transaction with one `executemany` per table and statement
+  kind, then resolves every caller's future. While it writes, new commits queue
+  up and form the next group: the group size follows the load, with no timer
+  and no polling.
+* The whole transaction is one plain function run on the writer's own thread:
+  one hop per group. Issuing BEGIN, each executemany and COMMIT as separate
+  aiosqlite calls was as fast under load but 4x slower for a lone commit
+  (~1.2k/s against ~4.7k/s), and aiosqlite has no public call for "run this
+  function on your thread".
+* One bad batch must not fail its neighbours. If a group fails because of its
+  data (a constraint, a value SQLite cannot bind), it is rolled back and its
+  batches are retried one transaction each, so only the offending caller gets
+  the error. A failure of the database itself (disk full, read-only, corrupt)
+  fails the whole group with `StoreError`.
+* Reads use a second connection (aiosqlite, query_only): WAL lets it read the
+  last committed state while the writer works, so API reads never wait behind a
+  group commit.
+* synchronous=NORMAL (the default) survives a process crash but may lose the
+  last transactions on power loss; synchronous=FULL does not, at 2/3 or less of
+  the throughput (BATON_SQLITE_SYNC=full).
+
+sqlite3 exceptions become `Conflict` / `StoreError` in `map_error`, here only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import importlib.resources
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import orjson
+
+from server.errors import BadRequest, BatonError, Conflict, StoreError
+from server.store.base import (
+    RESUMABLE,
+    TERMINAL,
+    Batch,
+    DefinitionRow,
+    HistoryRow,
+    RunRow,
+    StepRow,
+    TimerRow,
+)
+
+# Bigger groups gain little throughput and hold every caller in them longer.
+MAX_GROUP_BATCHES = 512
+# How long a statement waits for another process's lock before failing.
+BUSY_TIMEOUT_MS = 5_000
+# Bound parameters per statement: SQLite allows 999 before 3.32, 32766 since.
+MAX_PARAMS = 900
+SYNCHRONOUS = ("normal", "full")
+
+T = TypeVar("T")
+
+# -- SQL -----------------------------------------------------------------------
+
+_TERMINAL_SQL = ", ".join(f"'{s}'" for s in TERMINAL)
+_RESUMABLE_SQL = ", ".join(f"'{s}'" for s in RESUMABLE)
+
+_RUN_COLUMNS = (
+    "run_id, workflow, version, def_hash, workflow_id, status,"
+    " created_at, updated_at, finished_at, inflight, data"
+)
+_STEP_COLUMNS = "run_id, key, step_id, status, attempt, started_at, finished_at, data"
+_HISTORY_COLUMNS = "run_id, seq, at, type, key, data"
+_TIMER_COLUMNS = "run_id, timer_id, fire_at"
+_DEFINITION_COLUMNS = "def_hash, name, version, source, created_at"
+
+# The identity columns (workflow, version, def_hash, workflow_id, created_at) are
+# written once: leaving them out of the UPDATE spares four index rewrites per
+# transition (~15% of update throughput).
+_UPSERT_RUN = f"""
+INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at,
+    finished_at = excluded.finished_at, inflight = excluded.inflight, data = excluded.data
+"""
+_UPSERT_STEP = f"""
+INSERT INTO steps ({_STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id, key) DO UPDATE SET
+    step_id = excluded.step_id, status = excluded.status, attempt = excluded.attempt,
+    started_at = excluded.started_at, finished_at = excluded.finished_at, data = excluded.data
+"""
+_DELETE_STEP = "DELETE FROM steps WHERE run_id = ? AND key = ?"
+_INSERT_HISTORY = f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_UPSERT_TIMER = f"""
+INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (?, ?, ?)
+ON CONFLICT (run_id, timer_id) DO UPDATE SET fire_at = excluded.fire_at
+"""
+_DELETE_TIMER = "DELETE FROM timers WHERE run_id = ? AND timer_id = ?"
+_INSERT_DEFINITION = (
+    f"INSERT INTO definitions ({_DEFINITION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (def_hash) DO NOTHING"
+)
+
+
+def _getter(columns: str) -> Callable[[Any], tuple]:
+    return attrgetter(*(name.strip() for name in columns.split(",")))
+
+
+_run_params = _getter(_RUN_COLUMNS)
+_step_params = _getter(_STEP_COLUMNS)
+_history_params = _getter(_HISTORY_COLUMNS)
+_timer_params = _getter(_TIMER_COLUMNS)
+_definition_params = _getter(_DEFINITION_COLUMNS)
+
+
+# -- error mapping -------------------------------------------------------------
+
+_UNIQUE = ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")
+# Constraints the API will meet, in words; any other passes its columns through.
+_CONFLICT_MESSAGES = {
+    "runs.workflow, runs.workflow_id": "an open run of this workflow already has this workflow_id",
+    "history.run_id, history.seq": "this history entry (run_id, seq) is already recorded",
+}
+# What the operator should know, by sqlite_errorname prefix (extended codes share it).
+_ERROR_MESSAGES = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_READONLY": "the database is read-only (check file and directory permissions)",
+    "SQLITE_CANTOPEN": "the database file cannot be opened",
+    "SQLITE_PERM": "permission denied on the database file",
+    "SQLITE_CORRUPT": "the database file is corrupt",
+    "SQLITE_NOTADB": "the file is not a SQLite database",
+    "SQLITE_BUSY": "the database is locked by another process",
+    "SQLITE_LOCKED": "the database is locked",
+    "SQLITE_IOERR": "I/O error on the database file",
+}
+# Errors caused by one batch's data rather than by the database: retry one by one.
+_BATCH_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
+
+
+def map_error(exc: sqlite3.Error, path: str) -> BatonError:
+    """Conflict for a unique violation, StoreError for anything else."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    if isinstance(exc, sqlite3.IntegrityError) and name in _UNIQUE:
+        columns = str(exc).removeprefix("UNIQUE constraint failed: ")
+        error: BatonError = Conflict(_CONFLICT_MESSAGES.get(columns, f"already recorded: {columns}"))
+    else:
+        what = next((m for code, m in _ERROR_MESSAGES.items() if name.startswith(code)), "SQLite error")
+        error = StoreError(f"{what}: {path}: {exc} ({name or type(exc).__name__})")
+    error.__cause__ = exc
+    return error
+
+
+def _is_batch_error(exc: Exception) -> bool:
+    # A non-sqlite exception (an int SQLite cannot hold, a row of the wrong type)
+    # comes from the data too.
+    return isinstance(exc, _BATCH_ERRORS) or not isinstance(exc, sqlite3.Error)
+
+
+# -- group commit --------------------------------------------------------------
+
+
+def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]]]:
+    """One (statement, parameters) per table and statement kind, in execution order.
+
+    The result equals committing the batches one after another. Runs and history
+    keep every row, in commit order. Steps and timers keep the net effect per key:
+    the last upsert, or a delete if a delete came last. A delete also forgets the
+    key's earlier upserts, so a step deleted and written again is re-inserted
+    (and listed) last. Deletes run first: they remove rows that existed before
+    the group, or rows that a later upsert in the group writes afresh.
+    """
+    runs: list[tuple] = []
+    history: list[tuple] = []
+    definitions: list[tuple] = []
+    steps: dict[tuple[str, str], tuple] = {}
+    steps_deleted: set[tuple[str, str]] = set()
+    timers: dict[tuple[str, str], tuple] = {}
+    timers_deleted: set[tuple[str, str]] = set()
+    for item in items:
+        if isinstance(item, DefinitionRow):
+            definitions.append(_definition_params(item))
+            continue
+        runs.extend(map(_run_params, item.runs))
+        history.extend(map(_history_params, item.history))
+        for step in item.steps:
+            steps[step.run_id, step.key] = _step_params(step)
+        for key in item.steps_deleted:
+            steps.pop(key, None)
+            steps_deleted.add(tuple(key))
+        for timer in item.timers_set:
+            timers[timer.run_id, timer.timer_id] = _timer_params(timer)
+        for key in item.timers_deleted:
+            timers.pop(key, None)
+            timers_deleted.add(tuple(key))
+    statements = [
+        (_DELETE_STEP, list(steps_deleted)),
+        (_DELETE_TIMER, list(timers_deleted)),
+        (_UPSERT_RUN, runs),
+        (_UPSERT_STEP, list(steps.values())),
+        (_INSERT_HISTORY, history),
+        (_UPSERT_TIMER, list(timers.values())),
+        (_INSERT_DEFINITION, definitions),
+    ]
+    return [(sql, params) for sql, params in statements if params]
+
+
+def _apply(conn: sqlite3.Connection, plan: list[tuple[str, list[tuple]]]) -> None:
+    """Run a plan as one transaction. Called on the writer thread."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in plan:
+            conn.executemany(sql, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@dataclass(slots=True)
+class _Pending:
+    item: Batch | DefinitionRow
+    future: asyncio.Future[None]
+
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Writer counters, for tests and metrics."""
+
+    groups: int = 0  # writer rounds, each taking all that was queued
+    transactions: int = 0  # transactions committed
+    batches: int = 0  # batches (and definitions) committed
+    retried_groups: int = 0  # groups rolled back for one batch's data and retried one by one
+    failed_batches: int = 0  # batches whose caller got an error
+    largest_group: int = 0
+
+
+# -- schema migrations ---------------------------------------------------------
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_\w+\.sql$")
+
+
+def _migrations() -> list[tuple[int, str]]:
+    """(version, script) of the packaged migrations, numbered 1..N without gaps."""
+    found = []
+    for entry in importlib.resources.files("server.store.migrations").iterdir():
+        if match := _MIGRATION_FILE.match(entry.name):
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    found.sort()
+    if [version for version, _ in found] != list(range(1, len(found) + 1)):
+        raise StoreError(f"migrations must be numbered 0001, 0002, ... without gaps, found {[v for v, _ in found]}")
+    return found
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into statements: executescript() would COMMIT our transaction."""
+    start = 0
+    for match in re.finditer(";", script):
+        if sqlite3.complete_statement(script[start : match.end()]):
+            yield script[start : match.end()]
+            start = match.end()
+    if script[start:].strip():
+        yield script[start:]  # comments only, or an incomplete statement SQLite reports
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to the latest version, in one transaction. Writes nothing when current."""
+    migrations = _migrations()
+    latest = len(migrations)
+    current = _user_version(conn)
+    if current == latest:
+        return  # so a read-only database still opens
+    if current > latest:
+        raise StoreError(
+            f"the database schema is version {current}, newer than this Baton knows"
+            f" ({latest}); upgrade Baton"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Under the write lock now: another process may have migrated meanwhile.
+        for version, script in migrations[_user_version(conn) :]:
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _connect_writer(path: str, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; we write BEGIN and COMMIT.
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+_PRAGMAS = (
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+    "PRAGMA foreign_keys = OFF",
+    "PRAGMA temp_store = MEMORY",
+)
+
+
+@contextmanager
+def _mapped(path: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise map_error(exc, path) from exc
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class SQLiteStore:
+    """The Store on one SQLite file. `stats` counts what the writer did."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        if str(path) == ":memory:" or str(path).startswith("file:"):
+            raise ValueError("SQLiteStore needs a file path: its reader and writer share the file")
+        if synchronous.lower() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.lower()
+        self.stats = StoreStats()
+        self._thread: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used on self._thread only
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Pending | object] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    # -- lifetime --
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            raise RuntimeError("the store is already open")
+        where = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the database directory: {exc}") from exc
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-store-writer")
+        try:
+            with _mapped(where):
+                self._conn = await self._on_thread(_connect_writer, where, self.synchronous.upper())
+                self._reader = await aiosqlite.connect(where, isolation_level=None)
+                for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                    await self._reader.execute(pragma)
+        except BaseException:
+            await self._release()
+            raise
+        self._queue = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(self._queue), name=f"baton-store-writer {where}")
+
+    async def close(self) -> None:
+        """Write what was committed before the call, then release the file."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            assert self._queue is not None
+            self._queue.put_nowait(_STOP)
+            await writer
+        await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        reader, self._reader = self._reader, None
+        thread, self._thread = self._thread, None
+        if reader is not None:
+            await reader.close()
+        if thread is not None:
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+            thread.shutdown()  # idle by now: returns at once
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- writing --
+
+    async def commit(self, batch: Batch) -> None:
+        await self._enqueue(batch)
+
+    async def put_definition(self, row: DefinitionRow) -> None:
+        # Through the writer like a batch, so writes never interleave.
+        await self._enqueue(row)
+
+    async def _enqueue(self, item: Batch | DefinitionRow) -> None:
+        if self._writer is None or self._writer.done() or self._queue is None:
+            raise StoreError(f"the store is not open: {self.path}")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(item, future))
+        await future
+
+    async def _write_loop(self, queue: asyncio.Queue[_Pending | object]) -> None:
+        while True:
+            group = [await queue.get()]
+            while len(group) < MAX_GROUP_BATCHES and not queue.empty():
+                group.append(queue.get_nowait())
+            # A caller that gave up before its batch was taken was promised nothing;
+            # skipping its batch keeps "cancelled" meaning "not written".
+            pending = [p for p in group if isinstance(p, _Pending) and not p.future.done()]
+            if pending:
+                try:
+                    await self._write_group(pending)
+                except BaseException as exc:  # cancelled: nobody may wait forever
+                    for p in pending:
+                        self._failed([p], StoreError(f"the store writer stopped: {exc!r}"))
+                    raise
+            if any(item is _STOP for item in group):
+                return
+
+    async def _write_group(self, pending: list[_Pending]) -> None:
+        self.stats.groups += 1
+        self.stats.largest_group = max(self.stats.largest_group, len(pending))
+        try:
+            await self._transaction(p.item for p in pending)
+        except Exception as exc:
+            if len(pending) == 1 or not _is_batch_error(exc):
+                self._failed(pending, exc)
+                return
+            self.stats.retried_groups += 1
+            for p in pending:
+                try:
+                    await self._transaction([p.item])
+                except Exception as one_exc:
+                    self._failed([p], one_exc)
+                else:
+                    self._succeeded([p])
+        else:
+            self._succeeded(pending)
+
+    async def _transaction(self, items: Iterable[Batch | DefinitionRow]) -> None:
+        await self._on_thread(_apply, self._conn, _plan(items))
+
+    def _succeeded(self, pending: list[_Pending]) -> None:
+        self.stats.transactions += 1
+        self.stats.batches += len(pending)
+        for p in pending:
+            if not p.future.done():
+                p.future.set_result(None)
+
+    def _failed(self, pending: list[_Pending], exc: BaseException) -> None:
+        self.stats.failed_batches += len(pending)
+        for p in pending:
+            if p.future.done():
+                continue
+            if isinstance(exc, sqlite3.Error):
+                p.future.set_exception(map_error(exc, str(self.path)))  # one instance per caller
+            else:
+                p.future.set_exception(exc)  # a bug in this caller's batch, or a StoreError of ours
+
+    # -- reading --
+
+    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        if self._reader is None:
+            raise StoreError(f"the store is not open: {self.path}")
+        with _mapped(str(self.path)):
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        return RunRow(*rows[0]) if rows else None
+
+    async def get_runs(self, run_ids: list[str]) -> list[RunRow]:
+        unique = list(dict.fromkeys(run_ids))
+        found: dict[str, RunRow] = {}
+        for start in range(0, len(unique), MAX_PARAMS):
+            chunk = unique[start : start + MAX_PARAMS]
+            sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})"
+            for row in await self._fetch(sql, chunk):
+                found[row[0]] = RunRow(*row)
+        return [found[run_id] for run_id in run_ids if run_id in found]
+
+    async def get_steps(self, run_id: str) -> list[StepRow]:
+        sql = f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY rowid"
+        return [StepRow(*row) for row in await self._fetch(sql, (run_id,))]
+
+    async def list_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        workflow_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRow], str | None]:
+        if limit < 1:
+            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
+        where, params = [], []
+        for term, value in (
+            ("workflow = ?", workflow),
+            ("status = ?", status),
+            ("workflow_id = ?", workflow_id),
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+        ):
+            if value is not None:
+                where.append(term)
+                params.append(value)
+        if cursor is not None:
+            where.append("(created_at, run_id) < (?, ?)")
+            params.extend(decode_cursor(cursor))
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM runs"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        )
+        rows = [RunRow(*row) for row in await self._fetch(sql, [*params, limit + 1])]
+        if len(rows) <= limit:
+            return rows, None
+        del rows[limit:]
+        return rows, encode_cursor(rows[-1].created_at, rows[-1].run_id)
+
+    async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[HistoryRow]:
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        return [HistoryRow(*row) for row in await self._fetch(sql, (run_id, after_seq, limit))]
+
+    async def recoverable_runs(self) -> list[RunRow]:
+        # The status term repeats the WHERE of the partial index runs_open, so the
+        # planner reads the open runs only.
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status NOT IN ({_TERMINAL_SQL})"
+            f" AND (inflight > 0 OR status IN ({_RESUMABLE_SQL})) ORDER BY created_at, run_id"
+        )
+        return [RunRow(*row) for row in await self._fetch(sql)]
+
+    async def find_open_run(self, workflow: str, workflow_id: str) -> RunRow | None:
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM runs"
+            f" WHERE workflow = ? AND workflow_id = ? AND status NOT IN ({_TERMINAL_SQL})"
+        )
+        rows = await self._fetch(sql, (workflow, workflow_id))
+        return RunRow(*rows[0]) if rows else None
+
+    async def due_timers(self, until: float, limit: int) -> list[TimerRow]:
+        sql = (
+            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fire_at <= ?"
+            " ORDER BY fire_at, run_id, timer_id LIMIT ?"
+        )
+        return [TimerRow(*row) for row in await self._fetch(sql, (until, limit))]
+
+    async def next_timer_at(self) -> float | None:
+        ((fire_at,),) = await self._fetch("SELECT min(fire_at) FROM timers")
+        return fire_at
+
+    async def count_timers(self) -> int:
+        ((count,),) = await self._fetch("SELECT count(*) FROM timers")
+        return count
+
+    async def get_definition(self, def_hash: str) -> DefinitionRow | None:
+        sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions WHERE def_hash = ?"
+        rows = await self._fetch(sql, (def_hash,))
+        return DefinitionRow(*rows[0]) if rows else None
+
+    async def list_definitions(self, name: str | None = None) -> list[DefinitionRow]:
+        where = " WHERE name = ?" if name is not None else ""
+        sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions{where} ORDER BY name, created_at, def_hash"
+        return [DefinitionRow(*row) for row in await self._fetch(sql, () if name is None else (name,))]
+
+    async def integrity_check(self) -> str:
+        return "\n".join(str(message) for (message,) in await self._fetch("PRAGMA integrity_check"))
+
+
+# -- list cursors --------------------------------------------------------------
+
+
+def encode_cursor(created_at: float, run_id: str) -> str:
+    """An opaque url-safe token: the (created_at, run_id) the next page starts below."""
+    return base64.urlsafe_b64encode(orjson.dumps([created_at, run_id])).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    invalid = BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        created_at, run_id = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise invalid from None
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or not isinstance(run_id, str):
+        raise invalid
+    return float(created_at), run_id

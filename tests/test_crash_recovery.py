@@ -1,0 +1,94 @@
+"""A real server process killed with SIGKILL resumes its runs after a restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+WAITING = """
+name: crashy
+steps:
+  - id: first
+    task: test.count
+    input: {path: "{{ input.path }}"}
+  - id: second
+    task: test.count
+    input: {path: "{{ input.path }}"}
+  - id: approve
+    wait_for_signal: {signal: go}
+  - id: third
+    task: test.count
+    input: {path: "{{ input.path }}", label: "{{ steps.approve.output.by }}"}
+"""
+
+
+def test_sigkill_while_waiting_for_a_signal_loses_and_repeats_nothing(tmp_path):
+    wf = tmp_path / "wf"
+    wf.mkdir()
+    (wf / "crashy.yaml").write_text(WAITING)
+    counts = tmp_path / "invocations.txt"
+    server = ServerProcess(tmp_path / "data", wf, ["tests.crash_handlers"])
+    server.start()
+    try:
+        status, run = server.request("POST", "/v1/workflows/crashy/runs", {"input": {"path": str(counts)}})
+        assert status == 201, run
+        run_id = run["run_id"]
+        server.wait_for(lambda: server.request("GET", f"/v1/runs/{run_id}")[1]["waiting_for"] == ["go"], "the approval wait")
+
+        server.kill()
+        server.start()
+
+        status, body = server.request("POST", f"/v1/runs/{run_id}/signals/go", {"data": {"by": "alice"}})
+        assert status == 202, body
+        status, done = server.request("GET", f"/v1/runs/{run_id}/wait?timeout=15", timeout_s=20)
+        assert status == 200 and done["status"] == "succeeded", done
+        status, detail = server.request("GET", f"/v1/runs/{run_id}")
+        assert [s["status"] for s in detail["steps"]] == ["succeeded"] * 4
+        assert detail["output"] == {"step": "third", "label": "alice"}
+    finally:
+        server.stop()
+    lines = counts.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["first", "second", "third"], lines
+    assert all(line.split()[1] == "1" for line in lines)
+
+
+INFLIGHT = """
+name: inflight
+steps:
+  - id: first
+    task: test.count
+    input: {path: "{{ input.path }}"}
+  - id: slow
+    task: test.hang
+    input: {path: "{{ input.path }}"}
+  - id: last
+    task: test.count
+    input: {path: "{{ input.path }}"}
+"""
+
+
+def test_sigkill_during_a_handler_reruns_that_attempt_with_the_same_idempotency_key(tmp_path):
+    wf = tmp_path / "wf"
+    wf.mkdir()
+    (wf / "inflight.yaml").write_text(INFLIGHT)
+    counts = tmp_path / "invocations.txt"
+    server = ServerProcess(tmp_path / "data", wf, ["tests.crash_handlers"], BATON_TEST_HANG="1")
+    server.start()
+    try:
+        status, run = server.request("POST", "/v1/workflows/inflight/runs", {"input": {"path": str(counts)}})
+        assert status == 201, run
+        server.wait_for(lambda: counts.exists() and "slow" in counts.read_text(), "the slow step to start")
+        server.kill()
+        server.env["BATON_TEST_HANG"] = "0"
+        server.start()
+        status, done = server.request("GET", f"/v1/runs/{run['run_id']}/wait?timeout=15", timeout_s=20)
+        assert status == 200 and done["status"] == "succeeded", done
+    finally:
+        server.stop()
+    calls = [line.split() for line in counts.read_text().splitlines()]
+    assert [c[0] for c in calls] == ["first", "slow", "slow", "last"]
+    assert calls[1] == calls[2]  # same attempt, same idempotency key: the handler can dedupe
+    assert calls[1][2] == f"{run['run_id']}:slow:1"
