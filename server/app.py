@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,9 +23,17 @@ from server.store.sqlite import SQLiteStore
 log = logging.getLogger("baton")
 
 
+def import_handler_modules(settings: Settings) -> None:
+    """Import the handler modules named in the settings (ImportError names the module)."""
+    # a user's handler package sits in the project directory, as it would for `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    handlers.load_modules(settings.handler_modules)
+
+
 def load_catalog(settings: Settings) -> Catalog:
     """Import the handler modules, then load and check every workflow file against them."""
-    handlers.load_modules(settings.handler_modules)
+    import_handler_modules(settings)
     catalog, problems = Catalog.from_paths(settings.workflows, known_handlers=set(handlers.REGISTRY.names()))
     if problems:
         raise DefinitionError(problems)

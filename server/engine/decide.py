@@ -44,7 +44,7 @@ from server.engine.events import (
 from server.engine.graph import Node
 from server.engine.retry import backoff_s, should_retry
 from server.engine.state import (
-    CANCELLED, COMPENSATED, COMPENSATING, FAILED, PENDING, RETRYING, RUNNING, SKIPPED, STEP_DONE, SUCCEEDED,
+    CANCELLED, COMPENSATED, COMPENSATING, FAILED, PENDING, QUEUED, RETRYING, RUNNING, SKIPPED, STEP_DONE, SUCCEEDED,
     TERMINAL, WAITING, RunState, StepState,
 )
 from server.errors import ExpressionError
@@ -138,10 +138,12 @@ class _Decider:
 
     def on_start(self, ev: Start) -> None:
         s = self.s
-        if s.attempt:
-            self.note("start.ignored", None, {"reason": "run already started"})
+        if s.attempt or s.status != QUEUED:
+            self.note("start.ignored", None, {"reason": f"run is {s.status}"})
             return
-        s.input, s.event, s.workflow_id, s.created_at = ev.input, ev.event, ev.workflow_id, ev.at
+        s.input, s.event, s.workflow_id = ev.input, ev.event, ev.workflow_id
+        if s.created_at is None:  # a run that waited for a concurrency slot keeps its creation time
+            s.created_at = ev.at
         self._begin()
 
     def on_retry(self, ev: RetryRequested) -> None:

@@ -107,6 +107,8 @@ class RunState:
     # bookkeeping for the runtime, not part of the run's meaning: the engine ignores them
     parent: list[str] | None = None  # [parent run id, step key] for a child workflow run
     seq: int = 0  # last history sequence number written
+    slot: str | None = None  # concurrency key, for workflows with a `concurrency` limit
+    queued_start: dict[str, Any] | None = None  # the Start event of a run waiting for a slot
     dirty: set[str] = field(default_factory=set)
 
     @property
@@ -133,6 +135,7 @@ class RunState:
             "remaining": self.remaining, "tasks": self.tasks, "timers": self.timers, "signals": self.signals,
             "children": self.children, "comp_queue": self.comp_queue, "comp_outcome": self.comp_outcome,
             "comp_failed": self.comp_failed, "parent": self.parent, "seq": self.seq,
+            "slot": self.slot, "queued_start": self.queued_start,
         }
 
     @classmethod

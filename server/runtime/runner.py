@@ -20,6 +20,7 @@ import hashlib
 import logging
 import re
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -31,16 +32,20 @@ from handlers import Registry
 from server.definitions.catalog import Catalog
 from server.definitions.loader import LoadedWorkflow
 from server.definitions.models import Workflow
+from server.definitions.expressions import Template
 from server.engine.commands import (
-    CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, RunFinished, StartChild, StartTimer,
+    CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, Record, RunFinished, StartChild, StartTimer,
 )
 from server.engine.decide import decide, inflight_commands, new_run
 from server.engine.events import (
     CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TimerFired,
+    event_to_dict,
 )
 from server.engine.graph import CompiledWorkflow, compile_workflow
-from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, RunState
-from server.errors import BatonError, Conflict, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound
+from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
+from server.errors import (
+    BatonError, Conflict, ExpressionError, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound,
+)
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.executor import Executor, RunInfo
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
@@ -65,6 +70,15 @@ class _Item:
 _STOP = object()
 
 
+class _Admit:
+    """A queued run got a concurrency slot: start it now."""
+
+    __slots__ = ("run_id", "at")
+
+    def __init__(self, run_id: str, at: float) -> None:
+        self.run_id, self.at = run_id, at
+
+
 class Runtime:
     def __init__(self, store: Store, catalog: Catalog, registry: Registry, limits: Limits,
                  clock: Clock | None = None) -> None:
@@ -77,6 +91,10 @@ class Runtime:
         self._validators: dict[str, Draft202012Validator] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._open_wids: dict[tuple[str, str], str] = {}
+        # workflow `concurrency`: runs holding a slot, and runs queued for one, per (workflow, key)
+        self._active: dict[tuple[str, str], set[str]] = {}
+        self._queued: dict[tuple[str, str], deque[str]] = {}
+        self._slot_keys: dict[str, Template] = {}
         self._pump_task: asyncio.Task | None = None
         self._accepting = False
         self._store_ok = True
@@ -119,16 +137,40 @@ class Runtime:
                     fut.cancel()
 
     async def _recover(self) -> int:
+        await self._recover_slots()
         rows = await self.store.recoverable_runs()
+        queued: list[RunState] = []
         for row in rows:
             state = await self._state(row.run_id, row)
             if state is None:
+                continue
+            if state.status == QUEUED:
+                queued.append(state)
                 continue
             self._cache[state.run_id] = state
             if state.workflow_id and not state.terminal:
                 self._open_wids[(state.workflow, state.workflow_id)] = state.run_id
             self._dispatch(state, inflight_commands(state))
+        for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
+            self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
+        for key in list(self._queued):
+            self._admit(key)
         return len(rows)
+
+    async def _recover_slots(self) -> None:
+        """Count the open runs that hold a concurrency slot (waiting ones included)."""
+        names = {w.model.name for n in self.catalog.names() for w in self.catalog.versions(n) if w.model.concurrency}
+        for name in sorted(names):
+            for status in (RUNNING, COMPENSATING):
+                cursor = None
+                while True:
+                    rows, cursor = await self.store.list_runs(workflow=name, status=status, limit=500, cursor=cursor)
+                    for row in rows:
+                        slot = orjson.loads(row.data).get("slot")
+                        if slot is not None:
+                            self._active.setdefault((name, slot), set()).add(row.run_id)
+                    if cursor is None:
+                        break
 
     # ------------------------------------------------------------ operations
 
@@ -149,6 +191,7 @@ class Runtime:
         self._validate_input(loaded, input)
         state = new_run(run_id or uuid.uuid4().hex, loaded.compiled)
         state.parent = parent
+        state.slot = self._slot_of(loaded, input, event)
         start = Start(self.clock.now(), input=input, event=event, workflow_id=workflow_id, by=by)
 
         async def check(st: RunState) -> Any:
@@ -283,6 +326,18 @@ class Runtime:
             except BatonError as exc:
                 _fail(item, exc)
                 continue
+            if isinstance(item.event, _Admit):
+                if state.status != QUEUED or state.queued_start is None:
+                    self._release(state)  # cancelled while its admission was on the way
+                    continue
+                item.event = Start(**{**state.queued_start, "at": item.event.at})
+            if item.new_state is not None and state.slot is not None and not self._take_slot(state):
+                self._queue(state, item, batch)
+                touched[state.run_id] = state
+                decided.append((state, [], item))
+                continue
+            if isinstance(item.event, Start):
+                state.queued_start = None
             if item.new_state is not None:
                 self._cache[state.run_id] = state
             _, commands = decide(state, item.event)
@@ -322,7 +377,7 @@ class Runtime:
         self._store_ok = True
         for state, commands, item in decided:
             self._dispatch(state, commands)
-            _resolve(item, _summary(state))
+            _resolve(item, _summary(state, now))
         for state in touched.values():
             if state.terminal or not (state.tasks or state.children):
                 self._cache.pop(state.run_id, None)  # waiting or done: the store holds it
@@ -347,7 +402,9 @@ class Runtime:
     def _finished(self, state: RunState, cmd: RunFinished) -> None:
         if state.workflow_id:
             self._open_wids.pop((state.workflow, state.workflow_id), None)
-        summary = _summary(state)
+        if state.slot is not None:
+            self._release(state)
+        summary = _summary(state, self.clock.now())
         for fut in self._waiters.pop(state.run_id, []):
             if not fut.done():
                 fut.set_result(summary)
@@ -372,6 +429,63 @@ class Runtime:
             await self.cancel(child_id, reason="parent run stopped", by="parent")
         except BatonError:
             pass  # already finished, or never started
+
+    # ----------------------------------------------------------- concurrency
+
+    def _slot_of(self, loaded: LoadedWorkflow, input: Any, event: Any) -> str | None:
+        conc = loaded.model.concurrency
+        if conc is None:
+            return None
+        if conc.key is None:
+            return ""
+        template = self._slot_keys.get(loaded.def_hash)
+        if template is None:
+            template = self._slot_keys[loaded.def_hash] = Template(conc.key)
+        try:
+            return str(template.render({"input": input, "event": event}))
+        except ExpressionError as exc:
+            raise InvalidInput(f"concurrency.key: {exc.message}", field="input") from None
+
+    def _take_slot(self, state: RunState) -> bool:
+        limit = state.graph.definition.concurrency.limit
+        active = self._active.setdefault((state.workflow, state.slot), set())
+        if len(active) >= limit:
+            return False
+        active.add(state.run_id)
+        return True
+
+    def _queue(self, state: RunState, item: _Item, batch: Batch) -> None:
+        """Store a run over its workflow's concurrency limit; it starts when a slot frees."""
+        start = item.event
+        state.input, state.event, state.workflow_id, state.created_at = start.input, start.event, start.workflow_id, start.at
+        state.queued_start = event_to_dict(start)
+        limit = state.graph.definition.concurrency.limit
+        note = Record("run.queued", None, {"slot": state.slot, "limit": limit})
+        batch.history += history_rows(state, start.at, None, [note])
+        self._queued.setdefault((state.workflow, state.slot), deque()).append(state.run_id)
+
+    def _release(self, state: RunState) -> None:
+        key = (state.workflow, state.slot)
+        self._active.get(key, set()).discard(state.run_id)
+        waiting = self._queued.get(key)
+        if waiting and state.run_id in waiting:
+            waiting.remove(state.run_id)  # cancelled while queued
+        self._admit(key)
+
+    def _admit(self, key: tuple[str, str]) -> None:
+        waiting = self._queued.get(key)
+        limit = None
+        while waiting:
+            if limit is None:
+                loaded = self.catalog.latest(key[0])
+                limit = loaded.model.concurrency.limit if loaded and loaded.model.concurrency else 1
+            active = self._active.setdefault(key, set())
+            if len(active) >= limit:
+                return
+            run_id = waiting.popleft()
+            active.add(run_id)
+            self._inbox.put_nowait(_Item(run_id, _Admit(run_id, self.clock.now())))
+        self._queued.pop(key, None)
 
     # --------------------------------------------------------------- helpers
 
@@ -467,11 +581,11 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _summary(state: RunState) -> dict[str, Any]:
+def _summary(state: RunState, updated_at: float) -> dict[str, Any]:
     return {
         "run_id": state.run_id, "workflow": state.workflow, "version": state.version,
         "workflow_id": state.workflow_id, "status": state.status, "attempt": state.attempt,
-        "created_at": iso(state.created_at), "finished_at": iso(state.finished_at),
+        "created_at": iso(state.created_at), "updated_at": iso(updated_at), "finished_at": iso(state.finished_at),
     }
 
 

@@ -135,7 +135,7 @@ _CONFLICT_MESSAGES = {
 # What the operator should know, by sqlite_errorname prefix (extended codes share it).
 _ERROR_MESSAGES = {
     "SQLITE_FULL": "the disk is full",
-    "SQLITE_READONLY": "the database is read-only (check file and directory permissions)",
+    "SQLITE_READONLY": "the database is read-only (check the permissions of its directory and its -wal and -shm files)",
     "SQLITE_CANTOPEN": "the database file cannot be opened",
     "SQLITE_PERM": "permission denied on the database file",
     "SQLITE_CORRUPT": "the database file is corrupt",
@@ -195,14 +195,14 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         history.extend(map(_history_params, item.history))
         for step in item.steps:
             steps[step.run_id, step.key] = _step_params(step)
-        for key in item.steps_deleted:
-            steps.pop(key, None)
-            steps_deleted.add(tuple(key))
+        for run_id, key in item.steps_deleted:
+            steps.pop((run_id, key), None)
+            steps_deleted.add((run_id, key))
         for timer in item.timers_set:
             timers[timer.run_id, timer.timer_id] = _timer_params(timer)
-        for key in item.timers_deleted:
-            timers.pop(key, None)
-            timers_deleted.add(tuple(key))
+        for run_id, timer_id in item.timers_deleted:
+            timers.pop((run_id, timer_id), None)
+            timers_deleted.add((run_id, timer_id))
     statements = [
         (_DELETE_STEP, list(steps_deleted)),
         (_DELETE_TIMER, list(timers_deleted)),
@@ -386,7 +386,7 @@ class SQLiteStore:
         if writer is not None:
             assert self._queue is not None
             self._queue.put_nowait(_STOP)
-            await writer
+            await asyncio.wait([writer])  # if it was cancelled instead, its callers were told
         await self._release()
 
     async def _release(self) -> None:
@@ -432,7 +432,8 @@ class SQLiteStore:
                 try:
                     await self._write_group(pending)
                 except BaseException as exc:  # cancelled: nobody may wait forever
-                    for p in pending:
+                    queued = (queue.get_nowait() for _ in range(queue.qsize()))
+                    for p in [*pending, *(q for q in queued if isinstance(q, _Pending))]:
                         self._failed([p], StoreError(f"the store writer stopped: {exc!r}"))
                     raise
             if any(item is _STOP for item in group):
@@ -459,7 +460,8 @@ class SQLiteStore:
             self._succeeded(pending)
 
     async def _transaction(self, items: Iterable[Batch | DefinitionRow]) -> None:
-        await self._on_thread(_apply, self._conn, _plan(items))
+        if plan := _plan(items):
+            await self._on_thread(_apply, self._conn, plan)
 
     def _succeeded(self, pending: list[_Pending]) -> None:
         self.stats.transactions += 1

@@ -1,0 +1,46 @@
+"""`python -m bench <workload>`: benchmarks against a real server process.
+
+Prints a table, then every figure as one JSON object on the last line of stdout.
+Exit codes: 0 all runs succeeded; 1 some run failed or the server did not start;
+2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import chain3, harness, latency
+
+WORKLOADS = {
+    "chain3": (chain3, "throughput of 3-step no-op runs, many in flight"),
+    "latency": (latency, "3-step no-op runs one at a time"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    for name, (module, help_text) in WORKLOADS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
+    args = parser.parse_args(argv)
+    for option in ("runs", "concurrency"):
+        if getattr(args, option, 1) < 1:
+            parser.error(f"--{option} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    module, _ = WORKLOADS[args.workload]
+    try:
+        return module.main(args)
+    except harness.ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

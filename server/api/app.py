@@ -1,0 +1,22 @@
+"""The HTTP API as an aiohttp application, wired in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.api import errors, routes
+from server.runtime.base import Orchestrator
+from server.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def build_api(orch: Orchestrator, settings: Settings) -> web.Application:
+    max_body_bytes = settings.limits.max_body_bytes
+    # client_max_size bounds bodies without a Content-Length (chunked); the
+    # middleware refuses a declared oversize body before it is read.
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors.middleware(max_body_bytes)])
+    app[routes.ORCH] = orch
+    app[SETTINGS] = settings
+    routes.add_routes(app)
+    return app

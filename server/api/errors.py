@@ -1,0 +1,124 @@
+"""Errors over HTTP: one status table keyed by error class, applied by one middleware.
+
+Every error response, ours or aiohttp's (unknown route, wrong method, body too
+large), has the same JSON shape so clients parse one thing:
+
+    {"error": {"code": "run_not_found", "message": "...", "field": "since"?}}
+
+The middleware also stamps `X-Request-Id` on every response (the caller's, when
+it sent a sane one) so a client report can be matched to the server log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from server.errors import (
+    BadRequest,
+    BatonError,
+    Conflict,
+    ExpressionError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    StoreError,
+    Unavailable,
+)
+
+log = logging.getLogger("baton.api")
+
+# Looked up along the exception's MRO, so WorkflowNotFound and RunNotFound inherit
+# NotFound's 404. Anything not here (DefinitionError, ConfigError, ...) is a 500.
+STATUS: dict[type[BatonError], int] = {
+    NotFound: 404,
+    InvalidInput: 422,
+    ExpressionError: 422,
+    Conflict: 409,
+    BadRequest: 400,
+    PayloadTooLarge: 413,
+    StoreError: 503,  # the disk or database; retrying later may work
+    Unavailable: 503,  # starting up or shutting down
+}
+
+# aiohttp's own HTTP errors (raised by the router or by request.read()).
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    503: "unavailable",
+}
+
+REQUEST_ID = "X-Request-Id"
+# Echo only ids that cannot smuggle anything into logs or headers.
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadJson(BadRequest):
+    code = "bad_json"
+
+
+def status_for(exc: BatonError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.Response(status=status, body=orjson.dumps({"error": body}), content_type="application/json")
+
+
+def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get(REQUEST_ID, "")
+        if not _SAFE_REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        try:
+            # Refuse before reading a byte; client_max_size still guards chunked bodies.
+            if request.content_length is not None and request.content_length > max_body_bytes:
+                raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {max_body_bytes}")
+            response = await handler(request)
+        except BatonError as exc:
+            status = status_for(exc)
+            if status == 500:
+                log.error("request %s %s failed [%s]: %s", request.method, request.path, request_id, exc)
+            response = error_response(status, exc.code, exc.message, exc.field)
+        except web.HTTPException as exc:
+            if exc.status < 400:  # a redirect or similar: not an error
+                raise
+            response = _from_http_exception(request, exc, max_body_bytes)
+        except Exception:
+            log.exception("request %s %s failed [%s]", request.method, request.path, request_id)
+            response = error_response(500, "internal", f"internal server error (request id {request_id})")
+        response.headers[REQUEST_ID] = request_id
+        return response
+
+    return errors
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException, max_body_bytes: int) -> web.Response:
+    if exc.status == 413:
+        message = f"request body is larger than the limit of {max_body_bytes} bytes"
+    elif exc.status == 404:
+        message = f"no route for {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"method {request.method} is not allowed on {request.path}"
+    else:
+        message = exc.reason
+    response = error_response(exc.status, _HTTP_CODES.get(exc.status, f"http_{exc.status}"), message)
+    if "Allow" in exc.headers:  # 405 tells the client what would have worked
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response

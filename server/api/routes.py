@@ -1,0 +1,152 @@
+"""The HTTP routes: parse the request, call the orchestrator, serialize. Nothing else.
+
+Errors are raised (BatonError) and turned into responses by the middleware in
+`errors.py`, so no route builds an error body by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from server.api import schemas
+from server.api.errors import error_response
+from server.errors import BadRequest
+from server.runtime.base import Orchestrator
+
+ORCH = web.AppKey("orch", Orchestrator)
+HISTORY_CSV_COLUMNS = ("seq", "at", "type", "key", "data")
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+def _orch(request: web.Request) -> Orchestrator:
+    return request.app[ORCH]
+
+
+# --- runs -------------------------------------------------------------------------
+
+
+async def start_run(request: web.Request) -> web.Response:
+    body = schemas.parse_body(schemas.StartRun, await request.read())
+    run, created = await _orch(request).start_run(
+        request.match_info["name"], body.input, workflow_id=body.workflow_id, version=body.version
+    )
+    return json_response(run, status=201 if created else 200)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    q = request.query
+    filters = dict(
+        workflow=q.get("workflow") or None,
+        status=schemas.query_status(q),
+        workflow_id=q.get("workflow_id") or None,
+        since=schemas.query_timestamp(q, "since"),
+        until=schemas.query_timestamp(q, "until"),
+        limit=schemas.query_int(q, "limit", schemas.DEFAULT_LIST_LIMIT, 1, schemas.MAX_LIST_LIMIT),
+        cursor=q.get("cursor") or None,
+    )
+    runs, next_cursor = await _orch(request).list_runs(**filters)
+    return json_response({"runs": runs, "next_cursor": next_cursor})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    return json_response(await _orch(request).get_run(request.match_info["run_id"]))
+
+
+async def history(request: web.Request) -> web.Response:
+    q = request.query
+    fmt = q.get("format") or ("csv" if "text/csv" in request.headers.get("Accept", "") else "json")
+    if fmt not in ("json", "csv"):
+        raise BadRequest(f"format must be json or csv, got {fmt!r}", field="format")
+    run_id = request.match_info["run_id"]
+    after_seq = schemas.query_int(q, "after", 0, 0, 2**62)
+    limit = schemas.query_int(q, "limit", schemas.DEFAULT_HISTORY_LIMIT, 1, schemas.MAX_HISTORY_LIMIT)
+    events = await _orch(request).history(run_id, after_seq=after_seq, limit=limit)
+    if fmt == "json":
+        return json_response({"events": events})
+    return web.Response(
+        text=history_csv(events),
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{run_id}-history.csv"'},
+    )
+
+
+def history_csv(events: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(HISTORY_CSV_COLUMNS)
+    for e in events:
+        data = orjson.dumps(e.get("data")).decode()
+        writer.writerow((e["seq"], e["at"], e["type"], e.get("key") or "", data))
+    return out.getvalue()
+
+
+async def signal(request: web.Request) -> web.Response:
+    body = schemas.parse_body(schemas.SendSignal, await request.read(), optional=True)
+    run_id, name = request.match_info["run_id"], request.match_info["name"]
+    await _orch(request).signal(run_id, name, body.data)
+    return json_response({"run_id": run_id, "signal": name, "delivered": True}, status=202)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    body = schemas.parse_body(schemas.CancelRun, await request.read(), optional=True)
+    run = await _orch(request).cancel(request.match_info["run_id"], reason=body.reason)
+    return json_response(run, status=202)
+
+
+async def retry(request: web.Request) -> web.Response:
+    return json_response(await _orch(request).retry(request.match_info["run_id"]), status=202)
+
+
+async def wait(request: web.Request) -> web.Response:
+    timeout_s = schemas.query_wait_s(request.query)
+    return json_response(await _orch(request).wait(request.match_info["run_id"], timeout_s))
+
+
+# --- workflows and probes ---------------------------------------------------------
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    return json_response({"workflows": _orch(request).workflows()})
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    return json_response(_orch(request).workflow(request.match_info["name"]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})  # the process serves; readiness is /readyz
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if _orch(request).ready:
+        return json_response({"status": "ready"})
+    return error_response(503, "not_ready", "the runtime is starting or stopping")
+
+
+ROUTES = [
+    ("POST", "/v1/workflows/{name}/runs", start_run),
+    ("GET", "/v1/runs", list_runs),
+    ("GET", "/v1/runs/{run_id}", get_run),
+    ("GET", "/v1/runs/{run_id}/history", history),
+    ("POST", "/v1/runs/{run_id}/signals/{name}", signal),
+    ("POST", "/v1/runs/{run_id}/cancel", cancel),
+    ("POST", "/v1/runs/{run_id}/retry", retry),
+    ("GET", "/v1/runs/{run_id}/wait", wait),
+    ("GET", "/v1/workflows", list_workflows),
+    ("GET", "/v1/workflows/{name}", get_workflow),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)

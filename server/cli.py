@@ -1,0 +1,432 @@
+"""The `baton` command: run the server, check workflow files, and drive runs over HTTP.
+
+Exit codes: 0 success; 1 a failure the command reports (workflow problems, an error
+from the server, a run that did not succeed under `start --wait`); 2 a usage error
+(bad option, JSON that does not parse, invalid settings).
+
+Server-side modules are imported inside the commands that need them, so client
+commands start quickly and do not load the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from server.client import BatonClient, ClientError
+from server.errors import ConfigError
+from server.settings import Settings, load_settings
+from server.store.base import TERMINAL
+
+app = typer.Typer(
+    name="baton", help="Baton: durable workflow orchestration.", no_args_is_help=True,
+    add_completion=False, pretty_exceptions_enable=False,
+)
+
+# `show --follow` asks the server to hold each poll this long: it answers at once
+# when the run ends, so this only sets how often step progress is redrawn.
+FOLLOW_POLL_S = 2.0
+WAIT_POLL_S = 60.0  # the server's cap on one long poll of /wait
+HASH_PREFIX = 12  # enough to tell versions apart at a glance, like a short git hash
+DATA_COLUMN_CHARS = 80
+# Piped output feeds grep and scripts: tables must not squeeze run ids into 80 columns.
+PIPED_WIDTH = 240
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", envvar="BATON_URL", help="Baton server URL (default: settings `url`)")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="Settings file (default: config/baton.yaml or BATON_CONFIG)")
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def main() -> None:
+    app()
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(config: Path | None = None, **overrides: Any) -> Settings:
+    if config is not None:
+        os.environ["BATON_CONFIG"] = str(config)  # the settings loader reads the file name from here
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        raise _fail(exc.message, code=2) from None
+
+
+def _client(url: str | None) -> BatonClient:
+    return BatonClient(url or _settings().url)
+
+
+def client_command(fn: F) -> F:
+    """Register a command that talks to the server; its ClientErrors become `error: ...`, exit 1."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            field = f" (field: {exc.field})" if exc.field else ""
+            raise _fail(f"{exc.message}{field}") from None
+
+    app.command()(run)
+    return fn
+
+
+def _out() -> Console:
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+
+def _parse_json(text: str, option: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        kind = error.get("type")
+        message = error.get("message", "")
+        return f"{kind}: {message}" if kind else str(message)
+    return str(error)
+
+
+# --- server ---------------------------------------------------------------------------
+
+
+@app.command()
+def dev(
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default: settings)")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: 127.0.0.1)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the server for development, and print its URL."""
+    settings = _settings(config, host=host, port=port)
+    from server.app import run_server
+
+    typer.echo(f"Baton dev server on http://{settings.host}:{settings.port}  (Ctrl-C to stop)")
+    run_server(settings, dev=True)
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default: settings)")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: 127.0.0.1)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the server."""
+    settings = _settings(config, host=host, port=port)
+    from server.app import run_server
+
+    run_server(settings, dev=False)
+
+
+# --- definitions ----------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or directories (default: settings `workflows`)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Check workflow files; print every problem as file:line: field: message."""
+    settings = _settings(config)
+    import handlers
+    from server.app import import_handler_modules
+    from server.definitions.loader import load_paths
+
+    try:
+        import_handler_modules(settings)
+    except ImportError as exc:
+        raise _fail(str(exc)) from None
+    loaded, problems = load_paths(paths or settings.workflows, known_handlers=set(handlers.REGISTRY.names()))
+    if problems:
+        for line in problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(1)
+    table = Table("workflow", "version", "steps", "hash", "file")
+    for wf in loaded:
+        table.add_row(wf.model.name, wf.model.version, str(len(wf.model.steps)), wf.def_hash[:HASH_PREFIX], wf.path)
+    _out().print(table)
+    typer.echo(f"{len(loaded)} workflow(s) OK")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of workflow files (for editors)."""
+    from server.definitions.loader import workflow_json_schema
+
+    typer.echo(orjson.dumps(workflow_json_schema(), option=orjson.OPT_INDENT_2).decode())
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+@client_command
+def start(
+    workflow: Annotated[str, typer.Argument(help="Workflow name")],
+    input_json: Annotated[str | None, typer.Option("--input", help="Run input as JSON")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input-file", help="Read the run input (JSON) from a file")] = None,
+    workflow_id: Annotated[str | None, typer.Option("--workflow-id", help="Business key, unique among open runs")] = None,
+    version: Annotated[str | None, typer.Option(help="Definition version (default: latest)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run ends; exit 1 unless it succeeded")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a run of WORKFLOW."""
+    if input_json is not None and input_file is not None:
+        raise typer.BadParameter("give --input or --input-file, not both", param_hint="--input-file")
+    data = None
+    if input_json is not None:
+        data = _parse_json(input_json, "--input")
+    elif input_file is not None:
+        try:
+            data = _parse_json(input_file.read_text(encoding="utf-8"), "--input-file")
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {input_file}: {exc.strerror}", param_hint="--input-file") from None
+    client = _client(url)
+    run, created = client.start(workflow, data, workflow_id=workflow_id, version=version)
+    if not as_json:
+        note = "started" if created else f"already open for workflow_id {workflow_id!r}:"
+        typer.echo(f"{note} run {run['run_id']} ({run['workflow']}@{run['version']}) {run['status']}")
+    if wait:
+        run = _wait(client, run, timeout)
+        if not as_json:
+            typer.echo(f"run {run['run_id']} {run['status']}{_why(client, run)}")
+    if as_json:
+        _print_json(run)
+    if wait and run["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _why(client: BatonClient, run: dict[str, Any]) -> str:
+    """`: <error>` for a run that ended badly, so a script's log says why it failed."""
+    if run["status"] == "succeeded" or run["status"] not in TERMINAL:
+        return ""
+    error = client.run(run["run_id"]).get("error")
+    return f": {_error_text(error)}" if error else ""
+
+
+def _wait(client: BatonClient, run: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Long-poll the wait endpoint until the run ends or timeout_s passes (None: no limit)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while run["status"] not in TERMINAL:
+        remaining = WAIT_POLL_S if deadline is None else deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        run = client.wait(run["run_id"], min(remaining, WAIT_POLL_S))
+    return run
+
+
+@client_command
+def runs(
+    status: Annotated[str | None, typer.Option(help="Only runs with this status")] = None,
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
+    workflow_id: Annotated[str | None, typer.Option("--workflow-id", help="Only runs with this business key")] = None,
+    limit: Annotated[int, typer.Option(help="How many runs (1..500)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue a previous listing")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List runs, newest first."""
+    items, next_cursor = _client(url).runs(
+        status=status, workflow=workflow, workflow_id=workflow_id, limit=limit, cursor=cursor
+    )
+    if as_json:
+        _print_json({"runs": items, "next_cursor": next_cursor})
+        return
+    table = Table("run", "workflow", "status", "attempt", "workflow_id", "created", "finished")
+    for r in items:
+        table.add_row(
+            r["run_id"], f"{r['workflow']}@{r['version']}", r["status"], str(r["attempt"]),
+            r.get("workflow_id") or "", r.get("created_at") or "", r.get("finished_at") or "",
+        )
+    _out().print(table)
+    if next_cursor:
+        typer.echo(f"more: baton runs --cursor {next_cursor}")
+
+
+@client_command
+def show(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Redraw until the run ends")] = False,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a run and its steps."""
+    client = _client(url)
+    run = client.run(run_id)
+    if as_json:
+        while follow and run["status"] not in TERMINAL:
+            client.wait(run_id, FOLLOW_POLL_S)
+            run = client.run(run_id)
+        _print_json(run)
+        return
+    console = _out()
+    if not follow:
+        console.print(_render_run(run))
+    elif console.is_terminal:
+        with Live(_render_run(run), console=console, auto_refresh=False) as live:
+            for run in _follow(client, run):
+                live.update(_render_run(run), refresh=True)
+    else:  # piped: a log of the changes, not a redraw
+        console.print(_render_run(run))
+        for run in _follow(client, run):
+            console.print(_render_run(run))
+
+
+def _follow(client: BatonClient, run: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield the run each time its status or a step's status changes, until it ends."""
+    seen = _progress(run)
+    while run["status"] not in TERMINAL:
+        client.wait(run["run_id"], FOLLOW_POLL_S)  # answers at once when the run ends
+        run = client.run(run["run_id"])
+        if _progress(run) != seen:
+            seen = _progress(run)
+            yield run
+
+
+def _progress(run: dict[str, Any]) -> tuple:
+    return run["status"], tuple((s["key"], s["status"], s.get("attempt")) for s in run.get("steps", []))
+
+
+def _render_run(run: dict[str, Any]) -> Group:
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    rows = [
+        ("run", run["run_id"]),
+        ("workflow", f"{run['workflow']}@{run['version']}"),
+        ("status", f"{run['status']} (attempt {run['attempt']})"),
+        ("workflow_id", run.get("workflow_id") or "-"),
+        ("created", run.get("created_at") or "-"),
+        ("finished", run.get("finished_at") or "-"),
+    ]
+    if run.get("waiting_for"):
+        rows.append(("waiting for", ", ".join(run["waiting_for"])))
+    if run.get("error"):
+        rows.append(("error", _error_text(run["error"])))
+    for label, value in rows:
+        header.add_row(label, Text(str(value)))  # Text: no markup in user data
+    steps = Table("step", "kind", "status", "attempts", "duration", "compensation")
+    for s in run.get("steps", []):
+        duration = s.get("duration_s")
+        comp = s.get("compensation") or {}
+        steps.add_row(
+            Text(s["key"]), s.get("kind") or "", s["status"], str(s.get("attempt", "")),
+            f"{duration:.2f}s" if duration is not None else "", comp.get("status") or "",
+        )
+    return Group(header, Text(""), steps)
+
+
+@client_command
+def history(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    fmt: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a run's history (csv and json are exports of every event)."""
+    if as_json:
+        fmt = "json"
+    if fmt not in ("table", "json", "csv"):
+        raise typer.BadParameter("expected table, json or csv", param_hint="--format")
+    client = _client(url)
+    if fmt == "csv":
+        typer.echo(client.history_csv(run_id), nl=False)
+        return
+    events = client.all_history(run_id)
+    if fmt == "json":
+        _print_json(events)
+        return
+    table = Table("seq", "at", "type", "key", "data")
+    for e in events:
+        data = orjson.dumps(e.get("data")).decode()
+        if len(data) > DATA_COLUMN_CHARS:
+            data = data[: DATA_COLUMN_CHARS - 1] + "…"
+        table.add_row(str(e["seq"]), str(e["at"]), e["type"], Text(e.get("key") or ""), Text(data))
+    _out().print(table)
+
+
+@client_command
+def signal(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    name: Annotated[str, typer.Argument(help="Signal name")],
+    data: Annotated[str | None, typer.Option("--data", help="Signal payload as JSON")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a signal (e.g. an approval) to a waiting run."""
+    payload = None if data is None else _parse_json(data, "--data")
+    result = _client(url).signal(run_id, name, payload)
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(f"signal {name} delivered to run {run_id}")
+
+
+@client_command
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    reason: Annotated[str | None, typer.Option(help="Why; kept in the run's history")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a run (its completed steps are compensated)."""
+    run = _client(url).cancel(run_id, reason)
+    _print_json(run) if as_json else typer.echo(f"run {run['run_id']} {run['status']}")
+
+
+@client_command
+def retry(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Retry a failed, compensated or cancelled run from its failed step."""
+    run = _client(url).retry(run_id)
+    _print_json(run) if as_json else typer.echo(f"run {run['run_id']} {run['status']} (attempt {run['attempt']})")
+
+
+@client_command
+def workflows(url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """List the workflows the server has loaded."""
+    items = _client(url).workflows()
+    if as_json:
+        _print_json(items)
+        return
+    table = Table("workflow", "version", "steps", "hash", "description")
+    for wf in items:
+        table.add_row(
+            wf["name"], str(wf["version"]), str(len(wf.get("steps") or [])),
+            (wf.get("def_hash") or "")[:HASH_PREFIX], Text(wf.get("description") or ""),
+        )
+    _out().print(table)

@@ -1,0 +1,55 @@
+"""The benchmarks run end to end against a real server and print their figures.
+
+Only that they work is checked: exit 0, a JSON last line with every figure, no
+failed run. No figure is asserted; speed is measured with `python -m bench`, never
+in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_TIMEOUT_S = 100  # start-up, warm-up and a few hundred runs take seconds; this only catches a hang
+
+EXPECTED_KEYS = {
+    "workload", "runs", "concurrency", "sync", "succeeded", "failures", "stalled_waits", "wall_s",
+    "runs_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms",
+    "server_rss_mib", "server_rss_peak_mib", "server_cpu_s", "client_cpu_s",
+}
+
+
+def run_bench(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=BENCH_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    last_line = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last_line)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_chain3_quick_reports_every_figure():
+    figures = run_bench("chain3", "--quick")
+    assert EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "chain3"
+    assert figures["runs"] == 200
+    assert figures["failures"] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_latency_reports_every_figure():
+    figures = run_bench("latency", "--runs", "20")
+    assert EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "latency"
+    assert figures["runs"] == 20
+    assert figures["concurrency"] == 1
+    assert figures["failures"] == 0
