@@ -129,3 +129,20 @@ def test_ordinary_arithmetic_still_works():
 
     assert Template("{{ input.n * 3 + 2 ** 3 }}").render({"input": {"n": 2}}) == 14
     assert Template("{{ '-' * 3 }}").render({}) == "---"
+
+
+@pytest.mark.parametrize("source", ["{{ input['items'] | default([]) }}", "{{ input.items | default([]) }}",
+                                    "{{ input.keys | default([]) }}"])
+def test_missing_mapping_keys_are_undefined_never_dict_methods(source):
+    from server.definitions.expressions import Template
+
+    assert Template(source).render({"input": {}}) == []
+    assert Template(source).render({"input": {"items": [1], "keys": [1]}}) == [1]
+
+
+def test_missing_key_without_default_is_an_error_naming_it():
+    from server.definitions.expressions import Expression
+    from server.errors import ExpressionError
+
+    with pytest.raises(ExpressionError, match="items"):
+        Expression("input['items']").evaluate({"input": {}})

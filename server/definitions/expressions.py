@@ -29,10 +29,20 @@ MAX_POWER_EXPONENT = 1_000
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    """Data before methods: `input.items` is the `items` key of the input, not `dict.items`.
-    Multiplication and powers are bounded so a template cannot hang the engine."""
+    """For mappings, data is all there is: `input.items` and `input['items']` are the
+    `items` key, and a missing key is undefined (so `| default(...)` applies), never a
+    dict method. Multiplication and powers are bounded so a template cannot hang the
+    engine."""
 
     intercepted_binops = frozenset({"*", "**"})
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[argument]
+            except (KeyError, TypeError):
+                return self.undefined(obj=obj, name=argument)
+        return super().getitem(obj, argument)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
@@ -50,7 +60,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             try:
                 return obj[attribute]
             except (KeyError, TypeError):
-                pass
+                return self.undefined(obj=obj, name=attribute)
         return super().getattr(obj, attribute)
 
 

@@ -536,10 +536,15 @@ class Runtime:
         validator = self._validators.get(loaded.def_hash)
         if validator is None:
             validator = self._validators[loaded.def_hash] = Draft202012Validator(schema)
-        error = next(iter(sorted(validator.iter_errors(input), key=lambda e: list(e.absolute_path))), None)
-        if error is not None:
-            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-            raise InvalidInput(f"input{path}: {error.message}", field=f"input{path}")
+        errors = sorted(validator.iter_errors(input), key=lambda e: [str(p) for p in e.absolute_path])
+        if errors:
+            error = errors[0]
+            parts = list(error.absolute_path)
+            if error.validator == "required" and isinstance(error.instance, dict):
+                parts += [next(p for p in error.validator_value if p not in error.instance)]
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+            more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+            raise InvalidInput(f"input{path}: {error.message}{more}", field=f"input{path}")
 
     def _require_accepting(self) -> None:
         if not self._accepting:
