@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from typing import Any
 
 from bench import harness
@@ -44,7 +45,9 @@ def measure(args: argparse.Namespace, workload: str, runs: int, concurrency: int
         if warm.failures:
             raise harness.ServerError(f"warm-up runs failed: {dict(warm.failures)}\n{server.log_tail()}")
         rss_start, cpu_start = server.rss_kib(), server.cpu_s()
-        result = asyncio.run(harness.drive(server.url, WORKFLOW, runs, concurrency, args.deadline))
+        profiling = harness.py_spy(server.pid, args.py_spy) if args.py_spy else contextlib.nullcontext()
+        with profiling:
+            result = asyncio.run(harness.drive(server.url, WORKFLOW, runs, concurrency, args.deadline))
         figures: dict[str, Any] = {
             "workload": workload,
             "runs": runs,

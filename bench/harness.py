@@ -18,10 +18,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -215,6 +217,43 @@ def start_server(
             tmp.cleanup()
 
 
+# --- profiling the server with py-spy ---------------------------------------------------
+
+PY_SPY_RATE_HZ = 100  # py-spy pauses the server for each sample; 100/s keeps that cost small
+PY_SPY_ATTACH_S = 5.0
+PY_SPY_WRITE_S = 30.0
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, output: Path) -> Iterator[None]:
+    """Sample process `pid` with `py-spy record` (raw format, per thread) while the block runs."""
+    exe = shutil.which("py-spy", path=sysconfig.get_path("scripts")) or shutil.which("py-spy")
+    if exe is None:
+        raise ServerError("py-spy is not installed (pip install py-spy)")
+    log_path = output.with_name(output.name + ".log")
+    cmd = [exe, "record", "-o", str(output), "--format", "raw", "--threads",
+           "-r", str(PY_SPY_RATE_HZ), "--pid", str(pid)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + PY_SPY_ATTACH_S
+        while b"Sampling" not in log_path.read_bytes() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(HEALTH_POLL_S)
+        if proc.poll() is not None:
+            raise ServerError(f"py-spy exited with code {proc.returncode}: {log_path.read_text(errors='replace')}")
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            try:
+                proc.wait(PY_SPY_WRITE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(KILL_TIMEOUT_S)
+        out.print(f"py-spy profile of server {pid}: {output} (python -m bench.profile_summary {output})",
+                  highlight=False)
+
+
 # --- the load driver --------------------------------------------------------------------
 
 
@@ -272,6 +311,8 @@ async def _one_run(http: aiohttp.ClientSession, base: str, workflow: str, result
 async def drive(base: str, workflow: str, runs: int, concurrency: int, deadline_s: float) -> LoadResult:
     """Start `runs` runs of `workflow`, at most `concurrency` in flight, within `deadline_s`."""
     result = LoadResult()
+    if runs <= 0:
+        return result
     todo = iter(range(runs))
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -370,6 +411,8 @@ def add_server_arguments(parser: Any) -> None:
                         help="give up on runs not finished after this long (default: 600)")
     parser.add_argument("--cprofile", type=Path, metavar="FILE",
                         help="run the server under cProfile and write its stats to FILE at exit")
+    parser.add_argument("--py-spy", type=Path, metavar="FILE",
+                        help="sample the server with py-spy during the measured runs; raw profile to FILE")
     parser.add_argument("--keep-dir", action="store_true",
                         help="keep the server's temporary directory (database, log)")
 

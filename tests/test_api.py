@@ -141,8 +141,8 @@ async def test_start_input_violating_the_schema_is_422_naming_the_field(api):
     body = await start(api, input={"name": 42}, expect=422)
     assert_error(body, "invalid_input", "input.name")
     body = await start(api, input={}, expect=422)
-    assert_error(body, "invalid_input", "input")
-    assert "name" in body["error"]["message"]
+    assert_error(body, "invalid_input", "input.name")  # a missing property is named, not just its parent
+    assert "required" in body["error"]["message"]
 
 
 async def test_request_body_with_an_unknown_field_is_422_naming_it(api):

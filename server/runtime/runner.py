@@ -258,14 +258,16 @@ class Runtime:
         return [{"seq": r.seq, "at": iso(r.at), "type": r.type, "key": r.key, "data": orjson.loads(r.data)} for r in rows]
 
     async def wait(self, run_id: str, timeout_s: float) -> dict[str, Any]:
-        row = await self.store.get_run(run_id)
-        if row is None:
-            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
-        if row.status in TERMINAL:
-            return _summary_row(row)
+        # Register before reading: a run that finishes while the read is in flight
+        # resolves this future instead of being missed (a lost wake-up otherwise).
         fut = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(fut)
         try:
+            row = await self.store.get_run(run_id)
+            if row is None:
+                raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+            if row.status in TERMINAL:
+                return _summary_row(row)
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             row = await self.store.get_run(run_id)
@@ -377,7 +379,8 @@ class Runtime:
         self._store_ok = True
         for state, commands, item in decided:
             self._dispatch(state, commands)
-            _resolve(item, _summary(state, now))
+            if item.future is not None:  # most events are handler outcomes that nobody awaits
+                _resolve(item, _summary(state, now))
         for state in touched.values():
             if state.terminal or not (state.tasks or state.children):
                 self._cache.pop(state.run_id, None)  # waiting or done: the store holds it
