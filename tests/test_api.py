@@ -18,39 +18,10 @@ from server.api.schemas import StartRun, dotted, parse_body
 from server.app import open_runtime
 from server.errors import BadRequest, BatonError, InvalidInput
 from server.settings import Settings
+from tests.sample_workflows import APPROVAL, GREET
 
 MAX_BODY_BYTES = 4096
 
-GREET = """\
-name: greet
-version: 2
-description: two echoes in a row
-input_schema:
-  type: object
-  required: [name]
-  properties:
-    name: {type: string}
-steps:
-  - id: hello
-    task: echo
-    input: {greeting: "hello {{ input.name }}"}
-  - id: shout
-    task: echo
-    input: {loud: "{{ steps.hello.output.greeting | upper }}"}
-"""
-
-APPROVAL = """\
-name: approval
-steps:
-  - id: prepare
-    task: echo
-    input: {ready: true}
-  - id: gate
-    wait_for_signal: {signal: approve}
-  - id: done
-    task: echo
-    input: {approved: "{{ steps.gate.output }}"}
-"""
 
 
 @pytest.fixture

@@ -20,39 +20,11 @@ from typer.testing import CliRunner
 
 from server.cli import app
 from server.client import BatonClient, ClientError
+from tests.sample_workflows import APPROVAL, GREET
 
 SERVER_START_S = 30.0  # a cold start imports the world; generous, but bounded
 SERVER_STOP_S = 15.0
 
-GREET = """\
-name: greet
-version: 2
-input_schema:
-  type: object
-  required: [name]
-  properties:
-    name: {type: string}
-steps:
-  - id: hello
-    task: echo
-    input: {greeting: "hello {{ input.name }}"}
-  - id: shout
-    task: echo
-    input: {loud: "{{ steps.hello.output.greeting | upper }}"}
-"""
-
-APPROVAL = """\
-name: approval
-steps:
-  - id: prepare
-    task: echo
-    input: {ready: true}
-  - id: gate
-    wait_for_signal: {signal: approve}
-  - id: done
-    task: echo
-    input: {approved: "{{ steps.gate.output }}"}
-"""
 
 BROKEN = """\
 name: broken

@@ -449,3 +449,10 @@ def test_catalog_from_paths(tmp_path) -> None:
     catalog, problems = Catalog.from_paths([tmp_path], HANDLERS)
     assert problems == []
     assert catalog.latest("order-saga").path == str(tmp_path / "good.yaml")
+
+
+def test_queue_is_refused_until_remote_workers_exist():
+    text = "name: q\nsteps:\n  - id: a\n    task: noop\n    queue: gpu\n"
+    with pytest.raises(DefinitionError) as info:
+        load_workflow_text(text, "q.yaml")
+    assert info.value.problems == ["q.yaml:5: steps[0].queue: remote task queues are not available yet: remove `queue` to run the handler in the server"]

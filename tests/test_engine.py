@@ -582,3 +582,22 @@ def test_inflight_commands_rebuild_the_dispatched_tasks():
     assert sorted(inflight_commands(sim.state), key=lambda c: c.key) == sorted(sim.inflight(), key=lambda c: c.key)
     sim.succeed("l1", "x")
     assert sorted(c.task_id for c in inflight_commands(sim.state)) == sorted(c.task_id for c in sim.inflight())
+
+
+def test_run_output_skips_skipped_steps_or_follows_the_output_template():
+    steps = [{"id": "a", "task": "t"}, {"id": "b", "task": "t", "when": "false"}]
+    sim = Sim(workflow(steps))
+    sim.start()
+    sim.succeed("a", "A")
+    assert sim.finished().output == "A"
+    sim = Sim(workflow(steps, output={"total": "{{ steps.a.output * 2 }}", "b": "{{ steps.b.status }}"}))
+    sim.start()
+    sim.succeed("a", 21)
+    assert sim.finished().output == {"total": 42, "b": "skipped"}
+
+
+def test_output_template_error_fails_the_run():
+    sim = Sim(workflow(chain("a"), output="{{ steps.a.output.missing }}"))
+    sim.start()
+    sim.succeed("a", {})
+    assert sim.state.status == "failed" and sim.state.error["message"].startswith("output:")

@@ -56,12 +56,39 @@ steps:
 """
 
 
+CHILD = """
+name: child
+input_schema: {type: object, required: [n]}
+steps:
+  - id: double
+    task: echo
+    input: {n2: "{{ input.n * 2 }}"}
+  - id: maybe_fail
+    task: fail
+    input: {retryable: false}
+    when: "input.fail | default(false)"
+"""
+
+PARENT = """
+name: parent
+steps:
+  - id: sub
+    workflow: {name: child, input: {n: "{{ input.n }}", fail: "{{ input.fail }}"}}
+  - id: use
+    task: echo
+    input: {got: "{{ steps.sub.output }}"}
+output: "{{ steps.use.output.got }}"
+"""
+
+
 @pytest.fixture
 def settings(tmp_path):
     wf = tmp_path / "wf"
     wf.mkdir()
     (wf / "limited.yaml").write_text(LIMITED)
     (wf / "flaky.yaml").write_text(FLAKY)
+    (wf / "child.yaml").write_text(CHILD)
+    (wf / "parent.yaml").write_text(PARENT)
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
     import os
@@ -147,3 +174,18 @@ async def test_start_errors_name_the_problem(settings):
         limited_without_team = {"gate": "z"}
         with pytest.raises(InvalidInput):
             await rt.start_run("limited", limited_without_team)
+
+
+async def test_child_workflow_output_flows_to_the_parent_and_failure_fails_it(settings):
+    async with open_runtime(settings) as rt:
+        ok, _ = await rt.start_run("parent", {"n": 21, "fail": False})
+        assert (await rt.wait(ok["run_id"], 5))["status"] == "succeeded"
+        detail = await rt.get_run(ok["run_id"])
+        assert detail["output"] == {"n2": 42}
+        children, _ = await rt.list_runs(workflow="child")
+        assert len(children) == 1 and children[0]["status"] == "succeeded"
+
+        bad, _ = await rt.start_run("parent", {"n": 1, "fail": True})
+        assert (await rt.wait(bad["run_id"], 5))["status"] == "failed"
+        detail = await rt.get_run(bad["run_id"])
+        assert detail["steps"][0]["error"]["type"] == "NonRetryableError"

@@ -197,6 +197,9 @@ class Workflow(_Model):
     concurrency: Concurrency | None = None
     defaults: StepDefaults = StepDefaults()
     steps: list[Step] = Field(min_length=1)
+    # The run's result, a template rendered when the run succeeds. Default: the output of
+    # the last top-level step that was not skipped.
+    output: Template = None
 
 
 MapSpec.model_rebuild()

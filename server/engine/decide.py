@@ -7,7 +7,8 @@ Rules:
    say so with their own `when` (e.g. `steps.x.status == 'succeeded'`).
 2. A scope is the top level, a running parallel step, or one iteration of a map. It
    closes when all its steps are done; closing the top level succeeds the run (its
-   output is the last top-level step's output), closing a parallel step succeeds it
+   output is the workflow's `output` template, or else the output of the last
+   top-level step that was not skipped), closing a parallel step succeeds it
    (output: branch -> the branch's last step output), closing an iteration frees a
    map slot (output: the list of each iteration's last step output, in item order).
 3. A task attempt that fails is retried per its policy after a delay (a durable
@@ -164,30 +165,34 @@ class _Decider:
         self._begin()
 
     def on_task_succeeded(self, ev: TaskSucceeded) -> None:
-        entry = self.s.tasks.pop(ev.task_id, None)
-        if entry is None:
-            self.note("task.ignored", None, {"task_id": ev.task_id, "reason": "not in flight"})
+        landed = self._land(ev.task_id)
+        if landed is None:
             return
-        key, phase, attempt = entry
+        key, phase = landed
         if phase == "step":
-            self._cancel_timer(f"timeout:{key}:{attempt}")
             self._succeed(key, ev.output)
         else:
-            self._cancel_timer(f"ctimeout:{key}:{attempt}")
             self._compensation_done(key, None)
 
     def on_task_failed(self, ev: TaskFailed) -> None:
-        entry = self.s.tasks.pop(ev.task_id, None)
-        if entry is None:
-            self.note("task.ignored", None, {"task_id": ev.task_id, "reason": "not in flight"})
+        landed = self._land(ev.task_id)
+        if landed is None:
             return
-        key, phase, attempt = entry
+        key, phase = landed
         if phase == "step":
-            self._cancel_timer(f"timeout:{key}:{attempt}")
             self._attempt_failed(key, ev.error, ev.jitter)
         else:
-            self._cancel_timer(f"ctimeout:{key}:{attempt}")
             self._compensation_attempt_failed(key, ev.error, ev.jitter)
+
+    def _land(self, task_id: str) -> tuple[str, str] | None:
+        """Take an attempt's outcome out of flight; None (recorded) if it is not in flight."""
+        entry = self.s.tasks.pop(task_id, None)
+        if entry is None:
+            self.note("task.ignored", None, {"task_id": task_id, "reason": "not in flight"})
+            return None
+        key, phase, attempt = entry
+        self._cancel_timer(f"{'timeout' if phase == 'step' else 'ctimeout'}:{key}:{attempt}")
+        return key, phase
 
     def on_timer(self, ev: TimerFired) -> None:
         s = self.s
@@ -425,8 +430,7 @@ class _Decider:
     def _scope_closed(self, scope: str, prefix: str) -> None:
         s = self.s
         if scope == "":
-            last = s.steps.get(s.graph.roots[-1])
-            self._finish(SUCCEEDED, last.output if last is not None else None)
+            self._run_succeeded()
             return
         if scope.endswith("]"):
             map_key, _, index = scope.rpartition("[")
@@ -435,6 +439,19 @@ class _Decider:
         node = self.nodes[scope.rpartition("/")[2]]
         outputs = {branch: _output(s.steps.get(prefix + last)) for branch, last in node.last_children.items()}
         self._succeed(scope, outputs)
+
+    def _run_succeeded(self) -> None:
+        s = self.s
+        if s.graph.output is not None:
+            try:
+                output = s.graph.output.render(self._ctx(""))
+            except ExpressionError as exc:
+                self._fail_run(ErrorInfo("ExpressionError", f"output: {exc.message}", False), None)
+                return
+        else:
+            done = [s.steps[r] for r in s.graph.roots if r in s.steps and s.steps[r].status == SUCCEEDED]
+            output = done[-1].output if done else None
+        self._finish(SUCCEEDED, output)
 
     def _iteration_done(self, map_key: str) -> None:
         st = self.s.steps[map_key]

@@ -16,6 +16,7 @@ document, e.g. `("steps", 2, "needs", 0)`; the loader turns it into file:line.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,7 @@ class CompiledWorkflow:
     roots: tuple[str, ...]  # top-level step ids in list order
     def_hash: str = ""
     handlers: frozenset[str] = field(default_factory=frozenset)  # every handler name used
+    output: Template | None = None
 
     @property
     def name(self) -> str:
@@ -85,9 +87,10 @@ class _Compiler:
         roots = self._compile_list(self.wf.steps, ("steps",), None)
         if self.wf.concurrency is not None and self.wf.concurrency.key is not None:
             self._template(self.wf.concurrency.key, ("concurrency", "key"))
+        output = self._template(self.wf.output, ("output",)) if self.wf.output is not None else None
         if self.problems:
             raise GraphError(self.problems)
-        return CompiledWorkflow(self.wf, self.nodes, roots, handlers=frozenset(self.handlers))
+        return CompiledWorkflow(self.wf, self.nodes, roots, handlers=frozenset(self.handlers), output=output)
 
     def _collect_ids(self, steps: list[Step], loc: Loc) -> None:
         for i, step in enumerate(steps):
@@ -162,6 +165,10 @@ class _Compiler:
         last: dict[str, str] = {}
         if step.when is not None:
             kw["when"] = self._expression(step.when, (*loc, "when"))
+        if step.queue is not None:
+            # accepted by the language so files stay valid when remote workers land; refused
+            # until then rather than silently running the step in-process
+            self.problems.append(((*loc, "queue"), "remote task queues are not available yet: remove `queue` to run the handler in the server"))
         if step.task is not None:
             self.handlers.add(step.task)
             kw["input"] = self._template(step.input, (*loc, "input"))
@@ -209,5 +216,5 @@ def compile_workflow(wf: Workflow, def_hash: str = "") -> CompiledWorkflow:
     """The engine's view of a workflow; raises GraphError listing every problem found."""
     compiled = _Compiler(wf).compile()
     if def_hash:
-        return CompiledWorkflow(compiled.definition, compiled.nodes, compiled.roots, def_hash, compiled.handlers)
+        return dataclasses.replace(compiled, def_hash=def_hash)
     return compiled

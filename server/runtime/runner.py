@@ -97,6 +97,7 @@ class Runtime:
         self._slot_keys: dict[str, Template] = {}
         self._pump_task: asyncio.Task | None = None
         self._accepting = False
+        self._draining = False  # shutting down: outcomes are still committed, nothing new starts
         self._store_ok = True
         self.executor = Executor(registry, self.clock, self._submit_internal,
                                  max_tasks=limits.max_concurrent_tasks,
@@ -124,6 +125,7 @@ class Runtime:
 
     async def stop(self, grace_s: float) -> None:
         self._accepting = False
+        self._draining = True
         cancelled = await self.executor.drain(grace_s)
         if cancelled:
             log.warning("%d handler attempts did not finish within %.1fs; they run again after restart", cancelled, grace_s)
@@ -221,7 +223,9 @@ class Runtime:
 
     async def cancel(self, run_id: str, *, reason: str = "cancelled", by: str | None = None) -> dict[str, Any]:
         self._require_accepting()
+        return await self._cancel(run_id, reason, by)
 
+    async def _cancel(self, run_id: str, reason: str, by: str | None) -> dict[str, Any]:
         async def check(st: RunState) -> None:
             _require_open(st, "cancel")
             if st.status == COMPENSATING:
@@ -388,7 +392,8 @@ class Runtime:
     def _dispatch(self, state: RunState, commands: list[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, ExecuteTask):
-                self.executor.submit(cmd, RunInfo(state.run_id, state.workflow, state.version, state.workflow_id))
+                if not self._draining:  # else it stays in flight in the store and starts after the restart
+                    self.executor.submit(cmd, RunInfo(state.run_id, state.workflow, state.version, state.workflow_id))
             elif isinstance(cmd, CancelTask):
                 self.executor.cancel(cmd.task_id)
             elif isinstance(cmd, StartTimer):
@@ -396,7 +401,8 @@ class Runtime:
             elif isinstance(cmd, CancelTimer):
                 self.timers.disarm(state.run_id, cmd.timer_id)
             elif isinstance(cmd, StartChild):
-                asyncio.create_task(self._start_child(state.run_id, state.attempt, cmd))
+                if not self._draining:  # recovery starts it from the committed state otherwise
+                    asyncio.create_task(self._start_child(state.run_id, state.attempt, cmd))
             elif isinstance(cmd, CancelChild):
                 asyncio.create_task(self._cancel_child(_child_run_id(state.run_id, cmd.key, state.attempt)))
             elif isinstance(cmd, RunFinished):
@@ -429,7 +435,7 @@ class Runtime:
 
     async def _cancel_child(self, child_id: str) -> None:
         try:
-            await self.cancel(child_id, reason="parent run stopped", by="parent")
+            await self._cancel(child_id, "parent run stopped", "parent")
         except BatonError:
             pass  # already finished, or never started
 
