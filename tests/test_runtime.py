@@ -81,6 +81,17 @@ output: "{{ steps.use.output.got }}"
 """
 
 
+NAP = """
+name: nap
+steps:
+  - id: zz
+    sleep: 0.4s
+  - id: after
+    task: echo
+    input: {woke: true}
+"""
+
+
 @pytest.fixture
 def settings(tmp_path):
     wf = tmp_path / "wf"
@@ -88,6 +99,7 @@ def settings(tmp_path):
     (wf / "limited.yaml").write_text(LIMITED)
     (wf / "flaky.yaml").write_text(FLAKY)
     (wf / "child.yaml").write_text(CHILD)
+    (wf / "nap.yaml").write_text(NAP)
     (wf / "parent.yaml").write_text(PARENT)
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
@@ -95,7 +107,8 @@ def settings(tmp_path):
 
     os.environ["BATON_CONFIG"] = str(cfg)
     try:
-        yield load_settings(data_dir=tmp_path / "data", workflows=[wf], handler_modules=["tests.test_runtime"])
+        yield load_settings(data_dir=tmp_path / "data", workflows=[wf], handler_modules=["tests.test_runtime"],
+                            limits={"shutdown_grace_s": 0.2})
     finally:
         os.environ.pop("BATON_CONFIG", None)
 
@@ -189,3 +202,20 @@ async def test_child_workflow_output_flows_to_the_parent_and_failure_fails_it(se
         assert (await rt.wait(bad["run_id"], 5))["status"] == "failed"
         detail = await rt.get_run(bad["run_id"])
         assert detail["steps"][0]["error"]["type"] == "NonRetryableError"
+
+
+async def test_a_sleep_that_falls_due_while_the_server_is_down_fires_once_after_restart(settings):
+    async with open_runtime(settings) as rt:
+        run, _ = await rt.start_run("nap", {})
+        detail = await rt.get_run(run["run_id"])
+        assert detail["steps"][0]["status"] == "waiting"
+        assert await rt.store.count_timers() == 1
+    started = detail["steps"][0]["started_at"]
+    async with open_runtime(settings) as rt:
+        done = await rt.wait(run["run_id"], 5)
+        assert done["status"] == "succeeded"
+        history = [h["type"] for h in await rt.history(run["run_id"])]
+        assert history.count("timer.fired") == 1
+        assert await rt.store.count_timers() == 0
+        nap = (await rt.get_run(run["run_id"]))["steps"][0]
+        assert nap["finished_at"] > started

@@ -22,6 +22,7 @@ log = logging.getLogger("baton.timers")
 
 HORIZON_S = 300.0  # timers due within 5 minutes live in memory; the rest only in the store
 REFILL_BATCH = 50_000
+REFILL_RETRY_S = 1.0
 
 
 class Timers:
@@ -83,8 +84,9 @@ class Timers:
             if now >= self._horizon - HORIZON_S / 2:
                 try:
                     await self._refill()
-                except Exception:  # a failing store must not kill the timer loop; retry next round
-                    log.exception("timer refill failed")
+                except Exception:  # a failing store must not kill the timer loop
+                    log.exception("timer refill failed; retrying in %.0fs", REFILL_RETRY_S)
+                    await asyncio.sleep(REFILL_RETRY_S)  # back off instead of spinning on a broken store
                 continue
             wait_s = min(self._heap[0][0] - now if self._heap else HORIZON_S, self._horizon - HORIZON_S / 2 - now)
             self._wake.clear()
