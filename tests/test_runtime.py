@@ -219,3 +219,25 @@ async def test_a_sleep_that_falls_due_while_the_server_is_down_fires_once_after_
         assert await rt.store.count_timers() == 0
         nap = (await rt.get_run(run["run_id"]))["steps"][0]
         assert nap["finished_at"] > started
+
+
+WAITER = """
+name: waiter
+steps:
+  - id: gate
+    wait_for_signal: {signal: go}
+"""
+
+
+async def test_concurrent_signals_to_one_waiting_run_deliver_exactly_once(settings):
+    (settings.workflows[0] / "waiter.yaml").write_text(WAITER)
+    async with open_runtime(settings) as rt:
+        run, _ = await rt.start_run("waiter", {})
+        results = await asyncio.gather(*[rt.signal(run["run_id"], "go", {"n": i}) for i in range(20)],
+                                       return_exceptions=True)
+        delivered = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, Conflict)]
+        assert len(delivered) == 1 and len(refused) == 19, results
+        assert (await rt.wait(run["run_id"], 5))["status"] == "succeeded"
+        history = [h["type"] for h in await rt.history(run["run_id"])]
+        assert history.count("signal.received") == 1

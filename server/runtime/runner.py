@@ -321,7 +321,8 @@ class Runtime:
         timer_ops: dict[tuple[str, str], float | None] = {}
         for item in items:
             try:
-                state = item.new_state or await self._state(item.run_id)
+                # a run already decided in this batch continues from that decision, not from the store
+                state = item.new_state or touched.get(item.run_id) or await self._state(item.run_id)
                 if state is None:
                     raise RunNotFound(f"unknown run {item.run_id!r}", field="run_id")
                 if item.check is not None:
@@ -344,8 +345,7 @@ class Runtime:
                 continue
             if isinstance(item.event, Start):
                 state.queued_start = None
-            if item.new_state is not None:
-                self._cache[state.run_id] = state
+            self._cache[state.run_id] = state  # until the commit: the eviction pass below decides
             _, commands = decide(state, item.event)
             batch.history += history_rows(state, item.event.at, item.event, commands)
             if isinstance(item.event, TimerFired):
