@@ -146,3 +146,13 @@ def test_missing_key_without_default_is_an_error_naming_it():
 
     with pytest.raises(ExpressionError, match="items"):
         Expression("input['items']").evaluate({"input": {}})
+
+
+def test_static_template_renders_a_fresh_copy_each_time():
+    from server.definitions.expressions import Template
+
+    tpl = Template({"tags": ["a"], "opts": {"x": 1}})
+    first = tpl.render({})
+    first["tags"].append("mutated by a handler")
+    first["opts"]["x"] = 2
+    assert tpl.render({}) == {"tags": ["a"], "opts": {"x": 1}}

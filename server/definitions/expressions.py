@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from jinja2 import StrictUndefined, TemplateError, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -145,6 +146,9 @@ class Template:
 
     def render(self, ctx: Mapping[str, Any]) -> Any:
         if self.static:
+            # a fresh copy: a handler that changes its input must not change the next run's
+            if isinstance(self.source, (dict, list)):
+                return orjson.loads(orjson.dumps(self.source))
             return self.source
         return _render(self._compiled, ctx)
 
