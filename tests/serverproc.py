@@ -24,15 +24,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, workflows: Path, handler_modules: list[str] | None = None, **env: str) -> None:
+    """`command` defaults to `python -m server serve` run from the repository; pass the
+    installed console script and another `cwd` to test the entry point as a user runs it."""
+
+    def __init__(self, data_dir: Path, workflows: Path, handler_modules: list[str] | None = None, *,
+                 command: list[str] | None = None, cwd: Path = REPO, **env: str) -> None:
         self.data_dir = data_dir
+        self.command = command or [sys.executable, "-m", "server", "serve"]
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = data_dir / "empty-config.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text("{}\n")
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("BATON_")},  # only what the test sets
             "PYTHONPATH": str(REPO),
             "BATON_CONFIG": str(config),
             "BATON_DATA_DIR": str(data_dir),
@@ -47,8 +53,7 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 20.0) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=REPO, env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import orjson
@@ -19,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from server.cli import app
-from server.client import BatonClient, ClientError
+from server.client import BatonClient
 from tests.sample_workflows import APPROVAL, GREET
+from tests.serverproc import ServerProcess, free_port
 
 SERVER_START_S = 30.0  # a cold start imports the world; generous, but bounded
-SERVER_STOP_S = 15.0
 
 
 BROKEN = """\
@@ -60,10 +56,6 @@ def write_workflows(root: Path) -> Path:
     return wf
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -132,46 +124,17 @@ def test_unreachable_server_says_what_to_do():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """`baton serve` through the installed console script, run from outside the repository."""
     root = tmp_path_factory.mktemp("server")
     wf = write_workflows(root)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATON_")}
-    env |= {
-        "BATON_DATA_DIR": str(root / "data"),
-        "BATON_WORKFLOWS": orjson.dumps([str(wf)]).decode(),
-        "BATON_HANDLER_MODULES": "[]",
-        "BATON_PORT": str(port),
-    }
     script = shutil.which("baton", path=str(Path(sys.executable).parent))
     command = [script, "serve"] if script else [sys.executable, "-m", "server", "serve"]
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(root / "data", wf, command=command, cwd=root)
+    proc.start(timeout_s=SERVER_START_S)
     try:
-        _wait_healthy(url, proc, log_path)
-        yield url
+        yield proc.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(SERVER_STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    client = BatonClient(url, timeout_s=1.0)
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"baton serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            client.health()
-            return
-        except ClientError:
-            time.sleep(0.05)
-    pytest.fail(f"baton serve did not answer /healthz within {SERVER_START_S}s:\n{log_path.read_text()}")
+        proc.stop()
 
 
 def start_json(server: str, *args: str) -> dict:

@@ -58,10 +58,7 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if isinstance(obj, Mapping):
-            try:
-                return obj[attribute]
-            except (KeyError, TypeError):
-                return self.undefined(obj=obj, name=attribute)
+            return self.getitem(obj, attribute)
         return super().getattr(obj, attribute)
 
 

@@ -706,4 +706,4 @@ _DISPATCH = {
     ChildFinished: _Decider.on_child_finished,
 }
 
-__all__ = ["decide", "inflight_commands", "new_run", "prefix_of", "RUN_TIMEOUT", "PENDING"]
+__all__ = ["decide", "inflight_commands", "new_run", "prefix_of", "RUN_TIMEOUT"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from server.runtime.clock import Clock
 from server.store.base import Store
