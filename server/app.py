@@ -1,4 +1,4 @@
-"""Wiring: the only module that names concrete adapters (SQLite store, aiohttp site)."""
+"""Wiring: the only module that names concrete adapters (SQLite store, NATS, aiohttp site)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
 import handlers
+from server.bus.connection import Bus
+from server.bus.embedded import EmbeddedNats
 from server.definitions.catalog import Catalog
 from server.errors import DefinitionError
 from server.runtime.clock import Clock
@@ -41,19 +43,45 @@ def load_catalog(settings: Settings) -> Catalog:
 
 
 @asynccontextmanager
+async def open_bus(settings: Settings) -> AsyncIterator[Bus | None]:
+    """The NATS connection: to `nats_url`, or to an embedded nats-server when none is set."""
+    if not settings.nats.enabled:
+        yield None
+        return
+    async with AsyncExitStack() as stack:
+        servers = settings.nats_servers
+        if not servers:
+            embedded = EmbeddedNats(settings.nats_embedded_dir)
+            servers = [await asyncio.to_thread(embedded.start)]
+            stack.callback(embedded.stop)
+        bus = Bus(servers, settings.nats)
+        await bus.connect()
+        stack.push_async_callback(bus.close)
+        yield bus
+
+
+@asynccontextmanager
 async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncIterator[Runtime]:
+    """Store, NATS and runtime, started in dependency order and stopped in reverse.
+
+    Whatever feeds the runtime from NATS (event triggers, signals, worker results)
+    starts after the runtime and stops before it; what the runtime feeds (remote
+    queues, the lifecycle outbox) is ready before recovery dispatches anything.
+    """
     catalog = load_catalog(settings)
     settings.db_path.parent.mkdir(parents=True, exist_ok=True)
-    store = SQLiteStore(settings.db_path, synchronous=settings.sqlite_sync)
-    await store.open()
-    runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
-    try:
+    async with AsyncExitStack() as stack:
+        store = SQLiteStore(settings.db_path, synchronous=settings.sqlite_sync)
+        await store.open()
+        stack.push_async_callback(store.close)
+        bus = await stack.enter_async_context(open_bus(settings))
+        stack.push_async_callback(handlers.REGISTRY.aclose)
+        runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
+        if bus is not None:
+            runtime.nats_state = lambda: bus.state
+        stack.push_async_callback(runtime.stop, settings.limits.shutdown_grace_s)
         await runtime.start()
         yield runtime
-    finally:
-        await runtime.stop(settings.limits.shutdown_grace_s)
-        await store.close()
-        await handlers.REGISTRY.aclose()
 
 
 async def serve(settings: Settings, *, dev: bool = False) -> None:

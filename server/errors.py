@@ -12,6 +12,7 @@
     ├── BadRequest               malformed request (e.g. JSON that does not parse)
     ├── StoreError               the store failed (disk full, read-only, corrupt)
     ├── Unavailable              shutting down, or not ready: try again later
+    │   └── BusError             NATS is unreachable or refused a request
     └── ConfigError              baton.yaml or environment settings are invalid
 """
 
@@ -85,3 +86,9 @@ class Unavailable(BatonError):
     """The server is shutting down or its store is failing: try again later."""
 
     code = "unavailable"
+
+
+class BusError(Unavailable):
+    """NATS is unreachable, timed out, or refused a JetStream request."""
+
+    code = "bus_error"

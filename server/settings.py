@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from ruamel.yaml import YAML, YAMLError
 
@@ -30,6 +30,52 @@ class Limits(BaseModel):
     shutdown_grace_s: float = Field(10.0, ge=0)
 
 
+class NatsTLS(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    hostname: str | None = None  # the name to verify, when it differs from the URL's host
+
+
+class EventStream(BaseModel):
+    """The JetStream stream that captures the subjects of event triggers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field("BATON_EVENTS", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    retention: Literal["limits", "interest", "workqueue"] = "limits"
+    # a week: enough to survive a long outage of Baton; events older than this are dropped
+    max_age_s: float = Field(7 * 86400.0, ge=0)  # 0 = keep until the limits below
+    max_bytes: int = Field(-1, ge=-1)  # -1 = no limit
+    replicas: int = Field(1, ge=1, le=5)
+
+
+class Nats(BaseModel):
+    """NATS settings; the server URL itself is `nats_url` (BATON_NATS_URL)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # off: no NATS at all (no event triggers, remote queues or lifecycle events)
+    enabled: bool = True
+    credentials: Path | None = None  # a .creds file (JWT + nkey)
+    token: SecretStr | None = None
+    tls: NatsTLS | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # nats-py waits this long between reconnect attempts, forever: a broker outage
+    # must not stop Baton, and the outbox catches up once it is back
+    reconnect_wait_s: float = Field(2.0, gt=0, le=60)
+    # where `baton dev` keeps the embedded server's JetStream store; default <data_dir>/nats
+    embedded_dir: Path | None = None
+    stream: EventStream = EventStream()
+    # event messages being processed at once (the consumer's max_ack_pending): the
+    # rest wait in the stream, not in memory
+    max_inflight_events: int = Field(256, ge=1, le=100_000)
+    # how long a processed event id is remembered for dedupe (beyond JetStream's own
+    # 2 minute window); a run started by an event also dedupes it for as long as it is stored
+    dedupe_window_s: float = Field(7 * 86400.0, gt=0)
+    # publish run and step lifecycle CloudEvents (baton.run.*, baton.step.*)
+    lifecycle_events: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
@@ -43,10 +89,22 @@ class Settings(BaseSettings):
     url: str = "http://127.0.0.1:8080"  # where CLI client commands reach the server
     log_level: str = "INFO"
     limits: Limits = Limits()
+    # NATS server URLs, comma-separated; none means `baton dev`/`serve` start an
+    # embedded nats-server on a loopback port
+    nats_url: str | None = None
+    nats: Nats = Nats()
 
     @property
     def db_path(self) -> Path:
         return Path(self.db) if self.db else self.data_dir / "baton.db"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in (self.nats_url or "").split(",") if u.strip()]
+
+    @property
+    def nats_embedded_dir(self) -> Path:
+        return self.nats.embedded_dir or self.data_dir / "nats"
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

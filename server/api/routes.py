@@ -126,9 +126,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if _orch(request).ready:
-        return json_response({"status": "ready"})
-    return error_response(503, "not_ready", "the runtime is starting or stopping")
+    orch = _orch(request)
+    health = orch.health()
+    if orch.ready:
+        return json_response({"status": "ready", **health})
+    problems = ", ".join(f"{k} {v}" for k, v in health.items())
+    return error_response(503, "not_ready", f"not ready: {problems}")
 
 
 ROUTES = [

@@ -26,6 +26,9 @@ class Orchestrator(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    def health(self) -> dict[str, str]:
+        """Component states: {"runtime", "store", "nats"}; NATS "disabled" when off."""
+
     def workflows(self) -> list[dict[str, Any]]: ...
 
     def workflow(self, name: str) -> dict[str, Any]: ...

@@ -103,12 +103,25 @@ class Runtime:
                                  max_tasks=limits.max_concurrent_tasks,
                                  max_tasks_per_workflow=limits.max_concurrent_tasks_per_workflow)
         self.timers = Timers(store, self.clock, self._timer_fired)
+        # Set by the wiring (server/app.py) when NATS is on:
+        # remote: runs the steps that name a `queue` (submit(cmd, run_info), cancel(task_id))
+        self.remote: Any = None
+        # nats_state: "connected", "reconnecting", ... for readiness
+        self.nats_state: Callable[[], str] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
     @property
     def ready(self) -> bool:
-        return self._accepting and self._store_ok
+        health = self.health()
+        return self._accepting and health["store"] == "ok" and health["nats"] in ("connected", "disabled")
+
+    def health(self) -> dict[str, str]:
+        return {
+            "runtime": "accepting" if self._accepting else "stopped",
+            "store": "ok" if self._store_ok else "failing",
+            "nats": self.nats_state() if self.nats_state is not None else "disabled",
+        }
 
     async def start(self) -> None:
         now = self.clock.now()
@@ -291,6 +304,11 @@ class Runtime:
         self._inbox.put_nowait(_Item(run_id, event, check, fut, new_state))
         return await fut
 
+    async def report(self, run_id: str, event: Event) -> None:
+        """Feed an outcome that arrived from outside (a remote worker) and wait until it
+        is committed, so its message can be acknowledged. RunNotFound for an unknown run."""
+        await self._submit(run_id, event)
+
     def _submit_internal(self, run_id: str, event: Event) -> None:
         self._inbox.put_nowait(_Item(run_id, event))
 
@@ -392,10 +410,17 @@ class Runtime:
     def _dispatch(self, state: RunState, commands: list[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, ExecuteTask):
-                if not self._draining:  # else it stays in flight in the store and starts after the restart
-                    self.executor.submit(cmd, RunInfo(state.run_id, state.workflow, state.version, state.workflow_id))
+                if self._draining:
+                    continue  # it stays in flight in the store and starts after the restart
+                run = RunInfo(state.run_id, state.workflow, state.version, state.workflow_id)
+                if cmd.queue is not None and self.remote is not None:
+                    self.remote.submit(cmd, run)
+                else:
+                    self.executor.submit(cmd, run)
             elif isinstance(cmd, CancelTask):
                 self.executor.cancel(cmd.task_id)
+                if self.remote is not None:
+                    self.remote.cancel(cmd.task_id)
             elif isinstance(cmd, StartTimer):
                 self.timers.arm(state.run_id, cmd.timer_id, cmd.fire_at)
             elif isinstance(cmd, CancelTimer):

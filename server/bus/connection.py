@@ -1,0 +1,175 @@
+"""The NATS connection: nats-py with reconnect, JetStream, and error mapping.
+
+nats-py reconnects by itself (every `reconnect_wait_s`, forever); while it is
+away, core publishes wait in its pending buffer and JetStream requests time
+out. Callers see only `BusError`: the nats-py exceptions are mapped here, once.
+
+Shutdown order matters (see the field notes on pull subscriptions): the
+subscriptions are unsubscribed first, then the connection is drained, so a
+pull subscription that had a fetch time out cannot hold the drain for its
+whole timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StreamConfig
+
+from server.errors import BusError
+from server.settings import Nats as NatsSettings
+
+log = logging.getLogger("baton.nats")
+
+DRAIN_TIMEOUT_S = 5.0
+PUBLISH_TIMEOUT_S = 5.0  # a JetStream publish waits this long for the stream's ack
+
+
+@contextmanager
+def mapped(what: str) -> Iterator[None]:
+    """nats-py and asyncio timeouts become BusError naming what was attempted."""
+    try:
+        yield
+    except BusError:
+        raise
+    except nats.js.errors.APIError as exc:
+        raise BusError(f"{what}: JetStream refused: {exc.description or exc} (code {exc.err_code})") from exc
+    except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        raise BusError(f"{what}: {type(exc).__name__}: {exc or 'timed out'}") from exc
+
+
+def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return ctx
+
+
+class Bus:
+    """One NATS connection for the whole process, plus its JetStream context."""
+
+    def __init__(self, servers: list[str], settings: NatsSettings | None = None, *, name: str = "baton") -> None:
+        self.servers = servers
+        self.settings = settings or NatsSettings()
+        self.name = name
+        self.nc: Client = Client()
+        self.js: JetStreamContext = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
+        self._subs: list[Any] = []
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    @property
+    def state(self) -> str:
+        if self.nc.is_connected:
+            return "connected"
+        if self.nc.is_reconnecting:
+            return "reconnecting"
+        if self.nc.is_closed:
+            return "closed"
+        return "disconnected"
+
+    async def connect(self) -> None:
+        s = self.settings
+        options: dict[str, Any] = dict(
+            servers=self.servers, name=self.name, connect_timeout=s.connect_timeout_s,
+            reconnect_time_wait=s.reconnect_wait_s, max_reconnect_attempts=-1, allow_reconnect=True,
+            drain_timeout=DRAIN_TIMEOUT_S, error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected, closed_cb=self._on_closed,
+            # a broker outage buffers up to this much of core publishes (signal replies, requests)
+            pending_size=8 * 1024 * 1024,
+        )
+        if s.credentials:
+            options["user_credentials"] = str(s.credentials)
+        if s.token:
+            options["token"] = s.token.get_secret_value()
+        if (tls := _tls_context(s)) is not None:
+            options["tls"] = tls
+            if s.tls and s.tls.hostname:
+                options["tls_hostname"] = s.tls.hostname
+        where = ", ".join(self.servers)
+        with mapped(f"cannot connect to NATS at {where}"):
+            await self.nc.connect(**options)
+        log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else where)
+
+    def track(self, sub: Any) -> Any:
+        """Remember a subscription so close() unsubscribes it before draining."""
+        self._subs.append(sub)
+        return sub
+
+    async def close(self) -> None:
+        if self.nc.is_closed:
+            return
+        self._closing = True
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # already gone, or the connection is down: nothing to release
+                pass
+        self._subs.clear()
+        try:
+            if self.nc.is_connected:
+                await asyncio.wait_for(self.nc.drain(), DRAIN_TIMEOUT_S + 1)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.warning("NATS drain did not finish cleanly: %s", exc or type(exc).__name__)
+        finally:
+            if not self.nc.is_closed:
+                await self.nc.close()
+
+    # -- JetStream --
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream, or bring an existing one's subjects and limits to `config`."""
+        with mapped(f"cannot set up stream {config.name}"):
+            try:
+                info = await self.js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(config)
+                log.info("created stream %s for %s", config.name, ", ".join(config.subjects or []))
+                return
+            current = info.config
+            if (sorted(current.subjects or []), current.max_age, current.max_bytes) != (
+                sorted(config.subjects or []), config.max_age, config.max_bytes
+            ):
+                await self.js.update_stream(config)
+                log.info("updated stream %s: %s", config.name, ", ".join(config.subjects or []))
+
+    async def publish(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None,
+                      msg_id: str | None = None, timeout_s: float = PUBLISH_TIMEOUT_S) -> PubAck:
+        """Publish into a stream and wait for its ack; `msg_id` dedupes within the stream's window."""
+        if msg_id is not None:
+            headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
+        with mapped(f"cannot publish to {subject}"):
+            return await self.js.publish(subject, data, timeout=timeout_s, headers=headers)
+
+    # -- connection events (nats-py callbacks) --
+
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._closing:
+            log.warning("NATS: %s", exc or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("NATS disconnected; reconnecting every %.1fs", self.settings.reconnect_wait_s)
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+
+    async def _on_closed(self) -> None:
+        if not self._closing:
+            log.error("NATS connection closed")
