@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import chain3, harness, latency
+from bench import chain3, events, harness, latency
 
 WORKLOADS = {
     "chain3": (chain3, "throughput of 3-step no-op runs, many in flight"),
     "latency": (latency, "3-step no-op runs one at a time"),
+    "events": (events, "throughput of 3-step no-op runs started by JetStream events"),
 }
 
 
@@ -24,11 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (module, help_text) in WORKLOADS.items():
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     args = parser.parse_args(argv)
-    for option in ("runs", "concurrency"):
+    for option in ("runs", "concurrency", "events", "window"):
         if getattr(args, option, 1) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if getattr(args, "rate", 0.0) < 0:
+        parser.error("--rate must not be negative")
     return args
 
 

@@ -179,15 +179,17 @@ def stop_server(server: Server) -> int | None:
 @contextlib.contextmanager
 def start_server(
     workflows: dict[str, str], *, sync: str = "normal", python_args: Sequence[str] = (),
-    keep_dir: bool = False,
+    keep_dir: bool = False, extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """Run a server with `workflows` ({file name: YAML}) in a fresh temporary directory.
 
     `python_args` go between the interpreter and `-m server serve`, e.g.
     `["-m", "cProfile", "-o", "/tmp/server.prof"]` to profile the server.
+    `extra_env` is added to the server's environment, e.g. `{"BATON_NATS_URL": url}`.
     """
-    tmp = tempfile.TemporaryDirectory(prefix="baton-bench-")
-    workdir = Path(tmp.name)
+    # mkdtemp, not TemporaryDirectory: the latter's finalizer deletes the directory at
+    # interpreter exit, even when keep_dir asked to keep it
+    workdir = Path(tempfile.mkdtemp(prefix="baton-bench-"))
     try:
         wf_dir = workdir / "workflows"
         wf_dir.mkdir()
@@ -196,9 +198,10 @@ def start_server(
         port = free_port()
         log_path = workdir / "server.log"
         cmd = [sys.executable, *python_args, "-m", "server", "serve"]
+        env = {**_server_env(workdir, port, sync), **(extra_env or {})}
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                cmd, cwd=workdir, env=_server_env(workdir, port, sync),
+                cmd, cwd=workdir, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         server = Server(proc, f"http://127.0.0.1:{port}", workdir, log_path)
@@ -214,7 +217,7 @@ def start_server(
         if keep_dir:
             out.print(f"kept {workdir}", highlight=False)
         else:
-            tmp.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- profiling the server with py-spy ---------------------------------------------------

@@ -13,14 +13,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from aiohttp import web
 
 import handlers
+from handlers import nats as nats_handlers
 from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
+from server.bus.outbox import OutboxPublisher
+from server.bus.remote import RemoteTasks
+from server.bus.signals import SignalListener
 from server.definitions.catalog import Catalog
-from server.errors import DefinitionError
+from server.errors import BusError, DefinitionError
 from server.runtime.clock import Clock
+from server.runtime.lifecycle import run_traceparent
 from server.runtime.runner import Runtime
 from server.settings import Settings
 from server.store.sqlite import SQLiteStore
+from server.triggers.events import EventTriggers
 
 log = logging.getLogger("baton")
 
@@ -42,6 +48,21 @@ def load_catalog(settings: Settings) -> Catalog:
     return catalog
 
 
+def _start_embedded(settings: Settings) -> EmbeddedNats:
+    embedded = EmbeddedNats(settings.nats_embedded_dir, port=settings.nats.embedded_port)
+    try:
+        embedded.start()
+    except BusError as exc:
+        if settings.nats.embedded_port == -1:
+            raise
+        log.warning("embedded nats-server cannot use port %d (%s); picking a free port",
+                    settings.nats.embedded_port, exc.message.splitlines()[-1][-200:])
+        embedded = EmbeddedNats(settings.nats_embedded_dir)
+        embedded.start()
+    log.info("embedded NATS with JetStream at %s (store %s)", embedded.url, embedded.store_dir)
+    return embedded
+
+
 @asynccontextmanager
 async def open_bus(settings: Settings) -> AsyncIterator[Bus | None]:
     """The NATS connection: to `nats_url`, or to an embedded nats-server when none is set."""
@@ -51,9 +72,9 @@ async def open_bus(settings: Settings) -> AsyncIterator[Bus | None]:
     async with AsyncExitStack() as stack:
         servers = settings.nats_servers
         if not servers:
-            embedded = EmbeddedNats(settings.nats_embedded_dir)
-            servers = [await asyncio.to_thread(embedded.start)]
+            embedded = await asyncio.to_thread(_start_embedded, settings)
             stack.callback(embedded.stop)
+            servers = [embedded.url]
         bus = Bus(servers, settings.nats)
         await bus.connect()
         stack.push_async_callback(bus.close)
@@ -75,12 +96,37 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
         await store.open()
         stack.push_async_callback(store.close)
         bus = await stack.enter_async_context(open_bus(settings))
+        if bus is not None:  # before start(): recovery may run nats.* steps
+            nats_handlers.use(bus.nc)
+            stack.callback(nats_handlers.use, None)
         stack.push_async_callback(handlers.REGISTRY.aclose)
         runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
         if bus is not None:
             runtime.nats_state = lambda: bus.state
+            # publishes what the runtime and the triggers commit (lifecycle events, dead letters): stops after them
+            outbox = OutboxPublisher(bus, store)
+            await outbox.start()
+            stack.push_async_callback(outbox.stop)
+            runtime.lifecycle, runtime.outbox_written = settings.nats.lifecycle_events, outbox.wake
+            # sends the queue steps the runtime dispatches (recovery too): closes after it stops
+            remote = RemoteTasks(bus, runtime, runtime.clock, traceparent=run_traceparent)
+            await remote.prepare()
+            stack.push_async_callback(remote.close)
+            runtime.remote = remote
         stack.push_async_callback(runtime.stop, settings.limits.shutdown_grace_s)
         await runtime.start()
+        if bus is not None:  # feeds the runtime: starts after it, stops before it
+            triggers = EventTriggers(bus, runtime, store, settings.nats)
+            runtime.triggers = triggers
+            await triggers.start()
+            stack.push_async_callback(triggers.stop)
+        if bus is not None:  # feeds the runtime: starts after it, stops before it
+            signals = SignalListener(bus, runtime, max_payload_bytes=settings.limits.max_body_bytes)
+            await signals.start()
+            stack.push_async_callback(signals.stop)
+        if bus is not None:  # worker results feed the runtime: start after it, stop before it
+            await remote.start()
+            stack.push_async_callback(remote.stop)
         yield runtime
 
 

@@ -148,6 +148,42 @@ def serve(
     run_server(settings, dev=False)
 
 
+@app.command()
+def worker(
+    queue: Annotated[list[str], typer.Option("--queue", "-q", metavar="NAME", help="A task queue to serve (repeatable)")],
+    handler_modules: Annotated[list[str] | None, typer.Option(
+        "--handlers", metavar="MODULE", help="Python module whose @handler functions to serve (repeatable; default: settings `handler_modules`)")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Tasks run at once (default: settings `worker.concurrency`)")] = None,
+    nats_url: Annotated[str | None, typer.Option("--nats-url", metavar="URL", help="NATS server URL(s), comma-separated (default: BATON_NATS_URL, else the embedded server of `baton dev` on 127.0.0.1:4222)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run handlers for the steps that name a `queue`, in this process (a remote worker)."""
+    settings = _settings(config, nats_url=nats_url)
+    if not settings.nats_servers and settings.nats.embedded_port > 0:
+        # no URL: the embedded server `baton dev` runs on this machine
+        settings = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{settings.nats.embedded_port}"})
+    if not settings.nats.enabled or not settings.nats_servers:
+        raise _fail("a worker needs the NATS server that Baton uses: pass --nats-url or set BATON_NATS_URL", code=2)
+    from server.definitions.models import QueueName
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        queues = [TypeAdapter(QueueName).validate_python(q) for q in queue]
+    except ValidationError:
+        raise typer.BadParameter("a queue name is 1-64 letters, digits, '_' or '-'", param_hint="--queue") from None
+    from server.errors import BatonError
+    from server.worker import run_worker
+
+    modules = handler_modules if handler_modules is not None else settings.handler_modules
+    try:
+        run_worker(settings, queues, modules, concurrency=concurrency or settings.worker.concurrency,
+                   grace_s=settings.worker.shutdown_grace_s)
+    except ImportError as exc:
+        raise _fail(str(exc)) from None
+    except BatonError as exc:  # NATS unreachable, or refused the streams
+        raise _fail(exc.message) from None
+
+
 # --- definitions ----------------------------------------------------------------------
 
 
@@ -430,3 +466,34 @@ def workflows(url: UrlOption = None, as_json: JsonOption = False) -> None:
             (wf.get("def_hash") or "")[:HASH_PREFIX], Text(wf.get("description") or ""),
         )
     _out().print(table)
+
+
+@client_command
+def dlq(
+    replay: Annotated[int | None, typer.Option("--replay", help="Replay this dead letter through its trigger")] = None,
+    limit: Annotated[int, typer.Option(help="How many dead letters (1..500)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue a previous listing")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List events that could not start a run (newest first), or replay one with --replay ID."""
+    client = _client(url)
+    if replay is not None:
+        result = client.replay_dead_letter(replay)
+        if as_json:
+            _print_json(result)
+        else:
+            for run in result["runs"]:
+                typer.echo(f"dead letter {replay} replayed: run {run['run_id']} of {run['workflow']}")
+        return
+    items, next_cursor = client.dead_letters(limit=limit, cursor=cursor)
+    if as_json:
+        _print_json({"dead_letters": items, "next_cursor": next_cursor})
+        return
+    table = Table("id", "at", "subject", "workflow", "error", "replayed")
+    for d in items:
+        table.add_row(str(d["id"]), d["at"] or "", d["subject"], d.get("workflow") or "", Text(d["error"]),
+                      d.get("replay_run") or "")
+    _out().print(table)
+    if next_cursor:
+        typer.echo(f"more: baton dlq --cursor {next_cursor}")

@@ -94,6 +94,13 @@ class BatonClient:
         path = f"/v1/runs/{_q(run_id)}/wait?" + urllib.parse.urlencode({"timeout": timeout_s})
         return self._call("GET", path, read_timeout_s=timeout_s + LONG_POLL_MARGIN_S)[1]
 
+    def dead_letters(self, *, limit: int = 20, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        page = self._get("/v1/dead-letters", {"limit": limit, "cursor": cursor})
+        return page["dead_letters"], page.get("next_cursor")
+
+    def replay_dead_letter(self, id: int) -> dict[str, Any]:
+        return self._call("POST", f"/v1/dead-letters/{int(id)}/replay")[1]
+
     # --- workflows and probes -------------------------------------------------------
 
     def workflows(self) -> list[dict[str, Any]]:

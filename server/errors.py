@@ -10,6 +10,7 @@
     ├── Conflict                 the request contradicts the run's state (e.g. signal to a finished run)
     ├── PayloadTooLarge
     ├── BadRequest               malformed request (e.g. JSON that does not parse)
+    │   └── BadJson              a body (HTTP request, NATS signal) that is not JSON
     ├── StoreError               the store failed (disk full, read-only, corrupt)
     ├── Unavailable              shutting down, or not ready: try again later
     │   └── BusError             NATS is unreachable or refused a request
@@ -72,6 +73,10 @@ class PayloadTooLarge(BatonError):
 
 class BadRequest(BatonError):
     code = "bad_request"
+
+
+class BadJson(BadRequest):
+    code = "bad_json"
 
 
 class StoreError(BatonError):

@@ -65,6 +65,9 @@ class Nats(BaseModel):
     reconnect_wait_s: float = Field(2.0, gt=0, le=60)
     # where `baton dev` keeps the embedded server's JetStream store; default <data_dir>/nats
     embedded_dir: Path | None = None
+    # NATS's standard port, so `nats pub ...` reaches the embedded server with no flags;
+    # if it is taken, the server picks a free port and Baton logs the URL
+    embedded_port: int = Field(4222, ge=-1, le=65535)
     stream: EventStream = EventStream()
     # event messages being processed at once (the consumer's max_ack_pending): the
     # rest wait in the stream, not in memory
@@ -74,6 +77,19 @@ class Nats(BaseModel):
     dedupe_window_s: float = Field(7 * 86400.0, gt=0)
     # publish run and step lifecycle CloudEvents (baton.run.*, baton.step.*)
     lifecycle_events: bool = True
+
+
+class Worker(BaseModel):
+    """`baton worker`: a process that runs the handlers of remote task queues."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # handlers one worker process runs at once; more processes (or machines) scale out
+    concurrency: int = Field(16, ge=1, le=10_000)
+    # seconds SIGTERM lets running handlers finish; the rest are cancelled, and Baton
+    # retries them when their heartbeats stop
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # reported when it starts a task (history shows who ran an attempt); default host:pid
+    name: str | None = Field(None, min_length=1, max_length=128)
 
 
 class Settings(BaseSettings):
@@ -93,6 +109,7 @@ class Settings(BaseSettings):
     # embedded nats-server on a loopback port
     nats_url: str | None = None
     nats: Nats = Nats()
+    worker: Worker = Worker()
 
     @property
     def db_path(self) -> Path:

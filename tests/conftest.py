@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 
+import nats
 import pytest
 
 from server.bus.embedded import EmbeddedNats
@@ -23,10 +25,22 @@ class ExternalNats:
         pytest.skip("needs an embedded nats-server to stop (BATON_TEST_NATS_URL is set)")
 
 
+async def _forget_baton_streams(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for name in await js.streams_info():
+            if name.config.name.startswith("BATON_"):
+                await js.delete_stream(name.config.name)
+    finally:
+        await nc.close()
+
+
 @pytest.fixture
 def nats_server(tmp_path) -> Iterator[EmbeddedNats | ExternalNats]:
     """A nats-server of this test's own (its streams start empty), or BATON_TEST_NATS_URL."""
     if url := os.environ.get("BATON_TEST_NATS_URL"):
+        asyncio.run(_forget_baton_streams(url))  # each test starts from empty streams, as with its own server
         yield ExternalNats(url)
         return
     server = EmbeddedNats(tmp_path / "nats")
@@ -35,3 +49,10 @@ def nats_server(tmp_path) -> Iterator[EmbeddedNats | ExternalNats]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _embedded_nats_on_a_free_port(monkeypatch):
+    """A server a test starts without a NATS URL embeds nats-server: on a free port,
+    not on 4222, so tests never meet a developer's own NATS (or each other)."""
+    monkeypatch.setenv("BATON_NATS__EMBEDDED_PORT", "-1")

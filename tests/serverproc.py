@@ -23,7 +23,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ChildProcess:
+    """A process a test starts (`self.proc`): stopped politely, or killed like a crash."""
+
+    proc: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, exactly like a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+
+class ServerProcess(ChildProcess):
     """`command` defaults to `python -m server serve` run from the repository; pass the
     installed console script and another `cwd` to test the entry point as a user runs it."""
 
@@ -65,22 +87,6 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"server not healthy within {timeout_s}s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, exactly like a crash."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=10)
 
     def request(self, method: str, path: str, body: Any = None, timeout_s: float = 10.0) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()

@@ -53,3 +53,22 @@ def test_latency_reports_every_figure():
     assert figures["runs"] == 20
     assert figures["concurrency"] == 1
     assert figures["failures"] == 0
+
+
+EVENTS_EXPECTED_KEYS = {
+    "workload", "events", "window", "sync", "warmup", "succeeded", "failures", "failure_kinds",
+    "publish_s", "publish_per_s", "committed_s", "events_per_s", "wall_s", "end_to_end_per_s",
+    "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms", "e2e_p50_ms", "e2e_p99_ms",
+    "server_rss_mib", "server_rss_peak_mib", "server_cpu_s", "nats_cpu_s", "client_cpu_s",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_events_quick_reports_every_figure():
+    figures = run_bench("events", "--quick")
+    assert EVENTS_EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "events"
+    assert figures["events"] == 300
+    assert figures["succeeded"] == 300
+    assert figures["failures"] == 0

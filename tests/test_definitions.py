@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 
 from server.definitions.catalog import Catalog
 from server.definitions.loader import LoadedWorkflow, load_paths, load_workflow_text, workflow_json_schema
-from server.definitions.models import parse_duration
+from server.definitions.models import DEFAULT_HEARTBEAT_S, parse_duration
 from server.errors import DefinitionError
 
 HANDLERS = {"inventory.reserve", "inventory.release", "payments.charge", "shipping.ship"}
@@ -451,8 +451,33 @@ def test_catalog_from_paths(tmp_path) -> None:
     assert catalog.latest("order-saga").path == str(tmp_path / "good.yaml")
 
 
-def test_queue_is_refused_until_remote_workers_exist():
-    text = "name: q\nsteps:\n  - id: a\n    task: noop\n    queue: gpu\n"
+def test_queue_steps_need_no_local_handler_and_get_a_default_heartbeat():
+    text = textwrap.dedent("""\
+        name: q
+        steps:
+          - id: a
+            task: gpu.render
+            queue: gpu
+            compensate: {task: gpu.cleanup}
+          - id: b
+            task: gpu.render
+            queue: gpu
+            heartbeat: 5s
+          - id: c
+            task: inventory.reserve
+        """)
+    loaded = load_workflow_text(text, "q.yaml", known_handlers=HANDLERS)
+    nodes = loaded.compiled.nodes
+    assert (nodes["a"].heartbeat_s, nodes["b"].heartbeat_s, nodes["c"].heartbeat_s) == (DEFAULT_HEARTBEAT_S, 5.0, None)
+    assert loaded.compiled.handlers == {"inventory.reserve"}  # the server needs only its own
+
+
+@pytest.mark.parametrize("step, problem", [
+    ("    task: t\n    heartbeat: 5s\n", "steps[0]: heartbeat belongs to steps with a queue (remote workers send heartbeats)"),
+    ("    task: t\n    queue: gpu\n    heartbeat: 0\n", "steps[0].heartbeat: Input should be greater than 0"),
+    ("    task: t\n    queue: gpu.big\n", "steps[0].queue: String should match pattern '^[A-Za-z0-9_-]{1,64}$'"),
+])
+def test_queue_and_heartbeat_rules(step, problem):
     with pytest.raises(DefinitionError) as info:
-        load_workflow_text(text, "q.yaml")
-    assert info.value.problems == ["q.yaml:5: steps[0].queue: remote task queues are not available yet: remove `queue` to run the handler in the server"]
+        load_workflow_text("name: q\nsteps:\n  - id: a\n" + step, "q.yaml")
+    assert [p.split(": ", 1)[1] for p in info.value.problems] == [problem]

@@ -63,10 +63,6 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class BadJson(BadRequest):
-    code = "bad_json"
-
-
 def status_for(exc: BatonError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:

@@ -110,6 +110,23 @@ async def wait(request: web.Request) -> web.Response:
     return json_response(await _orch(request).wait(request.match_info["run_id"], timeout_s))
 
 
+# --- dead letters -----------------------------------------------------------------
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    q = request.query
+    limit = schemas.query_int(q, "limit", schemas.DEFAULT_LIST_LIMIT, 1, schemas.MAX_LIST_LIMIT)
+    items, next_cursor = await _orch(request).list_dead_letters(limit=limit, cursor=q.get("cursor") or None)
+    return json_response({"dead_letters": items, "next_cursor": next_cursor})
+
+
+async def replay_dead_letter(request: web.Request) -> web.Response:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise BadRequest(f"dead letter ids are numbers, not {raw!r}", field="id")
+    return json_response(await _orch(request).replay_dead_letter(int(raw)), status=201)
+
+
 # --- workflows and probes ---------------------------------------------------------
 
 
@@ -145,6 +162,8 @@ ROUTES = [
     ("GET", "/v1/runs/{run_id}/wait", wait),
     ("GET", "/v1/workflows", list_workflows),
     ("GET", "/v1/workflows/{name}", get_workflow),
+    ("GET", "/v1/dead-letters", list_dead_letters),
+    ("POST", "/v1/dead-letters/{id}/replay", replay_dead_letter),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
 ]

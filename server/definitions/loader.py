@@ -33,6 +33,7 @@ from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from server.definitions.models import Step, Workflow
+from server.definitions.triggers import TriggerError, compile_event_trigger
 from server.engine.graph import CompiledWorkflow, GraphError, Loc, compile_workflow
 from server.errors import DefinitionError
 
@@ -136,6 +137,7 @@ def _load(
         except GraphError as exc:
             for loc, message in exc.problems:
                 add(loc, message)
+        _check_triggers(model, add)
         if known_handlers is not None:
             _check_handlers(model.steps, ("steps",), known_handlers, add)
     if problems:
@@ -224,9 +226,23 @@ def _check_input_schema(schema: Any, add: Report) -> None:
         add(("input_schema", *err.absolute_path), f"not a valid JSON Schema: {err.message}")
 
 
+def _check_triggers(model: Workflow, add: Report) -> None:
+    """Trigger templates and filters must compile (they are rendered outside the engine)."""
+    for i, trigger in enumerate(model.triggers):
+        if trigger.event is None:
+            continue
+        loc = ("triggers", i, "event")
+        try:
+            compile_event_trigger(trigger.event)
+        except TriggerError as exc:
+            add((*loc, exc.part), exc.message)
+
+
 def _check_handlers(steps: list[Step], loc: Loc, known: Collection[str], add: Report) -> None:
     for i, step in enumerate(steps):
         here = (*loc, i)
+        if step.queue is not None:
+            continue  # its handlers (and its compensation's) live in the queue's workers
         if step.task is not None and step.task not in known:
             add((*here, "task"), _unknown_handler(step.task, known))
         if step.compensate is not None and step.compensate.task not in known:

@@ -16,6 +16,8 @@ A workflow file looks like this (see config/workflows/ for complete examples)::
         wait_for_signal: {signal: approve, timeout: 4h}
       - id: ship
         task: shipping.ship
+    triggers:                              # optional: what starts runs besides the API
+      - event: {subject: orders.created, filter: "event.data.total > 0"}
 
 Rules the models enforce (the loader adds the cross-step ones: unique ids, known
 `needs`, no cycles, known handlers, templates that compile):
@@ -25,6 +27,9 @@ Rules the models enforce (the loader adds the cross-step ones: unique ids, known
 * `needs` absent means "the previous step in the same list" (none for the first);
   `needs: []` means no dependency at all.
 * Durations are `30s`, `5m`, `1h30m`, `1d`, `250ms` or plain seconds.
+* `queue: <name>` runs a task's handler (and its compensation) on a remote
+  `baton worker --queue <name>`; the server need not know those handlers.
+  `heartbeat` (queue steps only) is how long the worker may stay silent.
 * Unknown fields are errors, never silently dropped.
 """
 
@@ -132,6 +137,13 @@ class ChildWorkflow(_Model):
 
 STEP_KINDS = ("task", "wait_for_signal", "sleep", "wait_until", "parallel", "map", "workflow")
 
+# A queue name is one NATS subject token (`baton.tasks.<queue>`) and part of a consumer name.
+QueueName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# A remote worker that sends no heartbeat for this long is taken for dead: its attempt
+# fails (retryable). Workers send one every third of it, so two lost in a row are
+# tolerated, and a crashed worker is noticed within half a minute.
+DEFAULT_HEARTBEAT_S = 30.0
+
 
 class Step(_Model):
     id: StepId
@@ -145,7 +157,8 @@ class Step(_Model):
     workflow: ChildWorkflow | None = None
     # --- task options ---
     input: Template = None
-    queue: str | None = None
+    queue: QueueName | None = None  # run the handler on a remote worker of this queue
+    heartbeat: Annotated[Duration, Field(gt=0)] | None = None  # queue steps only; default DEFAULT_HEARTBEAT_S
     # --- common ---
     description: str = ""
     needs: list[StepId] | None = None
@@ -166,6 +179,8 @@ class Step(_Model):
             raise ValueError("every parallel branch needs at least one step")
         if self.kind != "task" and (self.input is not None or self.queue is not None):
             raise ValueError("input and queue belong to task steps")
+        if self.heartbeat is not None and self.queue is None:
+            raise ValueError("heartbeat belongs to steps with a queue (remote workers send heartbeats)")
         return self
 
     @property
@@ -184,6 +199,56 @@ class StepDefaults(_Model):
     timeout: Duration | None = None
 
 
+_SUBJECT_TOKEN = re.compile(r"^[^\s.*>]+$")
+
+
+def check_subject(subject: str) -> str:
+    """A NATS subject for an event trigger: dot-separated tokens, `*` for one token,
+    `>` for the rest (last token only). Subjects under `baton.` are Baton's own, and a
+    leading wildcard would capture them, so both are refused."""
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if token == ">" and i == len(tokens) - 1 and i > 0:
+            continue
+        if token == "*" and i > 0:
+            continue
+        if not _SUBJECT_TOKEN.match(token):
+            if i == 0 and token in ("*", ">"):
+                raise ValueError(f"subject {subject!r} must start with a literal token (a leading wildcard would also capture Baton's own baton.* subjects)")
+            raise ValueError(f"invalid subject {subject!r}: token {i + 1} ({token!r}) must be a name, `*`, or a final `>`, without spaces")
+    if tokens[0] == "baton" or tokens[0].startswith("$"):
+        raise ValueError(f"subject {subject!r} is reserved ({tokens[0]}.* belongs to Baton or to NATS itself)")
+    return subject
+
+
+Subject = Annotated[str, BeforeValidator(lambda v: check_subject(v) if isinstance(v, str) else v)]
+
+
+class EventTrigger(_Model):
+    """Start a run for each event published on `subject` (NATS wildcards allowed).
+
+    The templates see `event` (the CloudEvent: id, source, type, subject, time, data,
+    and any extensions). `input` defaults to the event's data."""
+
+    subject: Subject
+    filter: Expression | None = None
+    input: Template = None
+    workflow_id: Template = None
+
+
+TRIGGER_KINDS = ("event",)
+
+
+class Trigger(_Model):
+    event: EventTrigger | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Trigger:
+        if sum(getattr(self, k) is not None for k in TRIGGER_KINDS) != 1:
+            raise ValueError(f"a trigger must have exactly one of {', '.join(TRIGGER_KINDS)}")
+        return self
+
+
 class Workflow(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     version: Annotated[
@@ -196,6 +261,7 @@ class Workflow(_Model):
     timeout: Duration | None = None
     concurrency: Concurrency | None = None
     defaults: StepDefaults = StepDefaults()
+    triggers: list[Trigger] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
     # The run's result, a template rendered when the run succeeds. Default: the output of
     # the last top-level step that was not skipped.

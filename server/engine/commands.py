@@ -21,6 +21,7 @@ class ExecuteTask:
     timeout_s: float | None = None
     queue: str | None = None
     compensation: bool = False
+    heartbeat_s: float | None = None  # queue steps: a started attempt whose worker is silent this long fails
     type = "step.scheduled"
 
 

@@ -25,6 +25,11 @@ Rules:
    compensation failed, is treated as undone and runs again.
 6. Late or duplicate results (a task id no longer in flight, a timer no longer
    armed, a signal nobody waits for) change nothing; they are recorded.
+7. A task on a remote queue waits in its queue for a worker (bounded only by the
+   step's `timeout`). When a worker starts it (TaskStarted) its heartbeat deadline
+   is armed; each heartbeat moves it; if it passes, the attempt fails with a
+   retryable HeartbeatTimeout (the worker is taken for dead) and the retry policy
+   applies. Heartbeats are not history: they only move a deadline.
 
 The state is mutated in place and returned; callers that need the old value copy it.
 """
@@ -40,7 +45,7 @@ from server.engine.commands import (
 )
 from server.engine.events import (
     CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TaskFailed,
-    TaskSucceeded, TimerFired,
+    TaskHeartbeat, TaskStarted, TaskSucceeded, TimerFired,
 )
 from server.engine.graph import Node
 from server.engine.retry import backoff_s, should_retry
@@ -52,6 +57,7 @@ from server.errors import ExpressionError
 
 RUN_TIMEOUT = "run-timeout"
 ITEMS_SUFFIX = "#items"
+HEARTBEAT_TIMERS = frozenset({"heartbeat", "cheartbeat"})  # `heartbeat:K:attempt`, `cheartbeat:K:attempt`
 
 
 def decide(state: RunState, event: Event) -> tuple[RunState, list[Command]]:
@@ -64,22 +70,46 @@ def new_run(run_id: str, graph: Any) -> RunState:
     return RunState(run_id=run_id, graph=graph)
 
 
+def started_remote_tasks(state: RunState) -> list[str]:
+    """In-flight remote attempts that a worker started (their heartbeat deadline is armed).
+    After a restart they are not sent again: their worker still runs them, or the deadline
+    finds it dead. The runtime sends each a heartbeat so that the worker gets one full
+    interval to report in (its heartbeats may wait in NATS while Baton was down)."""
+    return [task_id for task_id, entry in state.tasks.items() if _heartbeat_timer(*entry) in state.timers]
+
+
+def only_moves_a_heartbeat(event: Event, commands: list[Command]) -> bool:
+    """A decision that did nothing but move a heartbeat deadline: a heartbeat, or a
+    heartbeat timer that fired after a heartbeat had moved it. Not history (it would
+    grow with every heartbeat); replaying the history without them reaches the same
+    outcome, since a deadline only ever moves later."""
+    if isinstance(event, TaskHeartbeat):
+        return True
+    return (isinstance(event, TimerFired) and event.timer_id.partition(":")[0] in HEARTBEAT_TIMERS
+            and bool(commands) and all(isinstance(c, StartTimer) for c in commands))
+
+
 def inflight_commands(state: RunState) -> list[Command]:
     """The effects a crash may have cut short: every in-flight task and child start,
     rebuilt from the committed state (rendering is pure, so inputs come out the same).
-    The runtime re-dispatches them after a restart: at-least-once, same task ids."""
+    The runtime re-dispatches them after a restart: at-least-once, same task ids.
+    Remote attempts that a worker started are left out: see started_remote_tasks."""
     d = _Decider(state, state.created_at or 0.0)
     out: list[Command] = []
     for task_id, (key, phase, attempt) in state.tasks.items():
+        if _heartbeat_timer(key, phase, attempt) in state.timers:
+            continue
         node = d.nodes[key.rpartition("/")[2]]
         ctx = d._ctx(key)
         if phase == "step":
             rendered = node.input.render(ctx) if node.input is not None else None
-            out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, attempt, node.timeout_s, node.step.queue))
+            out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, attempt, node.timeout_s, node.step.queue,
+                                   heartbeat_s=node.heartbeat_s))
         else:
             comp = node.step.compensate
             rendered = node.compensate_input.render(ctx) if node.compensate_input is not None else None
-            out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, attempt, comp.timeout, node.step.queue, compensation=True))
+            out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, attempt, comp.timeout, node.step.queue,
+                                   compensation=True, heartbeat_s=node.heartbeat_s))
     for key in state.children:
         node = d.nodes[key.rpartition("/")[2]]
         ctx = d._ctx(key)
@@ -192,14 +222,39 @@ class _Decider:
             return None
         key, phase, attempt = entry
         self._cancel_timer(f"{'timeout' if phase == 'step' else 'ctimeout'}:{key}:{attempt}")
+        self._cancel_timer(_heartbeat_timer(key, phase, attempt))
         return key, phase
+
+    def on_task_started(self, ev: TaskStarted) -> None:
+        entry = self.s.tasks.get(ev.task_id)
+        if entry is None:
+            self.note("task.ignored", None, {"task_id": ev.task_id, "reason": "not in flight"})
+            return
+        self._beat(*entry)
+
+    def on_task_heartbeat(self, ev: TaskHeartbeat) -> None:
+        # only for an attempt in flight that a worker said it started; anything else is a
+        # late heartbeat, dropped without a note (there may be many)
+        entry = self.s.tasks.get(ev.task_id)
+        if entry is not None and _heartbeat_timer(*entry) in self.s.timers:
+            self._beat(*entry)
+
+    def _beat(self, key: str, phase: str, attempt: int) -> None:
+        heartbeat_s = self.nodes[key.rpartition("/")[2]].heartbeat_s
+        if heartbeat_s is not None:
+            self._start_timer(_heartbeat_timer(key, phase, attempt), self.now + heartbeat_s)
 
     def on_timer(self, ev: TimerFired) -> None:
         s = self.s
+        kind, _, rest = ev.timer_id.partition(":")
+        fire_at = s.timers.get(ev.timer_id)
+        if kind in HEARTBEAT_TIMERS and fire_at is not None and fire_at > ev.at:
+            # it fired, then a heartbeat moved it before this event was decided: still armed
+            self.out.append(StartTimer(ev.timer_id, fire_at))
+            return
         if s.timers.pop(ev.timer_id, None) is None:
             self.note("timer.ignored", None, {"timer_id": ev.timer_id})
             return
-        kind, _, rest = ev.timer_id.partition(":")
         if kind == RUN_TIMEOUT:
             timeout = s.graph.definition.timeout
             self._fail_run(ErrorInfo("RunTimeout", f"run timed out after {timeout:g}s", False), None)
@@ -213,6 +268,9 @@ class _Decider:
             self._step_timed_out(rest.rpartition(":")[0], int(rest.rpartition(":")[2]), ev.jitter)
         elif kind == "ctimeout":
             self._compensation_timed_out(rest.rpartition(":")[0], int(rest.rpartition(":")[2]), ev.jitter)
+        elif kind in HEARTBEAT_TIMERS:
+            key, _, attempt = rest.rpartition(":")
+            self._heartbeat_lost(key, "step" if kind == "heartbeat" else "compensate", int(attempt), ev.jitter)
         elif kind == "signal":
             self._signal_timed_out(rest)
 
@@ -307,7 +365,7 @@ class _Decider:
         task_id = f"{s.run_id}:{key}:{st.attempt}"
         s.tasks[task_id] = [key, "step", st.attempt]
         self.out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, st.attempt,
-                                    node.timeout_s, node.step.queue))
+                                    node.timeout_s, node.step.queue, heartbeat_s=node.heartbeat_s))
         if node.timeout_s is not None:
             self._start_timer(f"timeout:{key}:{st.attempt}", self.now + node.timeout_s)
 
@@ -499,8 +557,24 @@ class _Decider:
         task_id = f"{self.s.run_id}:{key}:{attempt}"
         if self.s.tasks.pop(task_id, None) is None:
             return
+        self._cancel_timer(_heartbeat_timer(key, "step", attempt))
         self.out.append(CancelTask(task_id))
         self._attempt_failed(key, error, jitter)
+
+    def _heartbeat_lost(self, key: str, phase: str, attempt: int, jitter: float) -> None:
+        """The worker of a started remote attempt went silent: take it for dead, retry per policy."""
+        step = phase == "step"
+        task_id = f"{self.s.run_id}:{key}:{attempt}" if step else f"{self.s.run_id}:{key}:compensate:{attempt}"
+        if self.s.tasks.pop(task_id, None) is None:
+            return
+        self._cancel_timer(f"{'timeout' if step else 'ctimeout'}:{key}:{attempt}")
+        self.out.append(CancelTask(task_id))
+        heartbeat_s = self.nodes[key.rpartition("/")[2]].heartbeat_s
+        error = ErrorInfo("HeartbeatTimeout", f"no heartbeat from the worker of {task_id} for {heartbeat_s:g}s")
+        if step:
+            self._attempt_failed(key, error, jitter)
+        else:
+            self._compensation_attempt_failed(key, error, jitter)
 
     def _signal_timed_out(self, key: str) -> None:
         st = self.s.steps.get(key)
@@ -601,7 +675,7 @@ class _Decider:
         task_id = f"{s.run_id}:{key}:compensate:{st.comp_attempt}"
         s.tasks[task_id] = [key, "compensate", st.comp_attempt]
         self.out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, st.comp_attempt, comp.timeout,
-                                    node.step.queue, compensation=True))
+                                    node.step.queue, compensation=True, heartbeat_s=node.heartbeat_s))
         if comp.timeout is not None:
             self._start_timer(f"ctimeout:{key}:{st.comp_attempt}", self.now + comp.timeout)
 
@@ -621,6 +695,7 @@ class _Decider:
         task_id = f"{self.s.run_id}:{key}:compensate:{attempt}"
         if self.s.tasks.pop(task_id, None) is None:
             return
+        self._cancel_timer(_heartbeat_timer(key, "compensate", attempt))
         self.out.append(CancelTask(task_id))
         timeout = self.nodes[key.rpartition("/")[2]].step.compensate.timeout
         self._compensation_attempt_failed(key, ErrorInfo("Timeout", f"compensation timed out after {timeout:g}s"), jitter)
@@ -673,6 +748,10 @@ class _Decider:
         self.out.append(Record(type_, key, data))
 
 
+def _heartbeat_timer(key: str, phase: str, attempt: int) -> str:
+    return f"{'heartbeat' if phase == 'step' else 'cheartbeat'}:{key}:{attempt}"
+
+
 def _done(st: StepState | None) -> bool:
     return st is not None and st.status in STEP_DONE
 
@@ -700,10 +779,13 @@ _DISPATCH = {
     RetryRequested: _Decider.on_retry,
     TaskSucceeded: _Decider.on_task_succeeded,
     TaskFailed: _Decider.on_task_failed,
+    TaskStarted: _Decider.on_task_started,
+    TaskHeartbeat: _Decider.on_task_heartbeat,
     TimerFired: _Decider.on_timer,
     SignalReceived: _Decider.on_signal,
     CancelRequested: _Decider.on_cancel,
     ChildFinished: _Decider.on_child_finished,
 }
 
-__all__ = ["decide", "inflight_commands", "new_run", "prefix_of", "RUN_TIMEOUT"]
+__all__ = ["decide", "inflight_commands", "new_run", "only_moves_a_heartbeat", "prefix_of", "started_remote_tasks",
+           "RUN_TIMEOUT"]

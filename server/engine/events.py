@@ -54,6 +54,29 @@ class TaskFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """A remote worker took the attempt and began its handler (`worker` names it, for
+    history). From now on the worker must send heartbeats: this arms the deadline."""
+
+    task_id: str
+    at: float
+    worker: str | None = None
+    type = "task.started"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeartbeat:
+    """A remote attempt is alive: its heartbeat deadline moves to `at` + the step's
+    heartbeat. Heartbeats are not history (there is one every few seconds per task);
+    the runtime also sends one for each started attempt after a restart, so that its
+    worker gets one full interval to report in."""
+
+    task_id: str
+    at: float
+    type = "task.heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     timer_id: str
     at: float
@@ -95,10 +118,12 @@ class ChildFinished:
     type = "child.finished"
 
 
-Event = Start | TaskSucceeded | TaskFailed | TimerFired | SignalReceived | CancelRequested | RetryRequested | ChildFinished
+Event = (Start | TaskSucceeded | TaskFailed | TaskStarted | TaskHeartbeat | TimerFired | SignalReceived
+         | CancelRequested | RetryRequested | ChildFinished)
 EVENT_TYPES: dict[str, type] = {
     cls.type: cls
-    for cls in (Start, TaskSucceeded, TaskFailed, TimerFired, SignalReceived, CancelRequested, RetryRequested, ChildFinished)
+    for cls in (Start, TaskSucceeded, TaskFailed, TaskStarted, TaskHeartbeat, TimerFired, SignalReceived,
+                CancelRequested, RetryRequested, ChildFinished)
 }
 
 

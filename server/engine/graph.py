@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.definitions.expressions import Expression, Template
-from server.definitions.models import NO_RETRY, RetryPolicy, Step, Workflow
+from server.definitions.models import DEFAULT_HEARTBEAT_S, NO_RETRY, RetryPolicy, Step, Workflow
 from server.errors import ExpressionError
 
 Loc = tuple[Any, ...]
@@ -54,6 +54,7 @@ class Node:
     child_workflow_id: Template | None = None
     compensate_input: Template | None = None
     compensate_retry: RetryPolicy = NO_RETRY
+    heartbeat_s: float | None = None  # queue steps: a worker silent this long is taken for dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,8 @@ class CompiledWorkflow:
     nodes: dict[str, Node]
     roots: tuple[str, ...]  # top-level step ids in list order
     def_hash: str = ""
-    handlers: frozenset[str] = field(default_factory=frozenset)  # every handler name used
+    # every handler this process must have: queue steps' handlers live in remote workers
+    handlers: frozenset[str] = field(default_factory=frozenset)
     output: Template | None = None
 
     @property
@@ -166,11 +168,10 @@ class _Compiler:
         if step.when is not None:
             kw["when"] = self._expression(step.when, (*loc, "when"))
         if step.queue is not None:
-            # accepted by the language so files stay valid when remote workers land; refused
-            # until then rather than silently running the step in-process
-            self.problems.append(((*loc, "queue"), "remote task queues are not available yet: remove `queue` to run the handler in the server"))
+            kw["heartbeat_s"] = step.heartbeat or DEFAULT_HEARTBEAT_S
         if step.task is not None:
-            self.handlers.add(step.task)
+            if step.queue is None:
+                self.handlers.add(step.task)
             kw["input"] = self._template(step.input, (*loc, "input"))
         elif step.wait_until is not None:
             kw["wait_until"] = self._template(step.wait_until, (*loc, "wait_until"))
@@ -188,7 +189,8 @@ class _Compiler:
             children = self._compile_list(step.map.steps, (*loc, "map", "steps"), step.id)
             last[""] = step.map.steps[-1].id
         if step.compensate is not None:
-            self.handlers.add(step.compensate.task)
+            if step.queue is None:  # a compensation runs where its step ran
+                self.handlers.add(step.compensate.task)
             kw["compensate_input"] = self._template(step.compensate.input, (*loc, "compensate", "input"))
             kw["compensate_retry"] = step.compensate.retry or NO_RETRY
         self.nodes[step.id] = Node(

@@ -58,5 +58,12 @@ class Orchestrator(Protocol):
 
     async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]: ...
 
+    async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Events that could not start a run, newest first:
+        {"id", "at", "subject", "event_key", "workflow", "error", "headers", "data", "replayed_at", "replay_run"}."""
+
+    async def replay_dead_letter(self, id: int) -> dict[str, Any]:
+        """Run the dead letter's event through its trigger again: {"id", "runs": [...]}."""
+
     async def wait(self, run_id: str, timeout_s: float) -> dict[str, Any]:
         """Return the run summary once it is terminal, or as it is when timeout_s passes."""

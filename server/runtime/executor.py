@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -75,29 +76,35 @@ class Executor:
         self._report(run.run_id, event)
 
     async def _attempt(self, cmd: ExecuteTask, run: RunInfo) -> Event:
-        try:
-            fn = self._registry.get(cmd.handler)
-        except KeyError as exc:
-            return self._failed(cmd, ErrorInfo("UnknownHandler", str(exc.args[0]) if exc.args else cmd.handler, False))
         ctx = Context(
             workflow=run.workflow, version=run.version, workflow_id=run.workflow_id, run_id=run.run_id,
             step_id=cmd.key, task_id=cmd.task_id, attempt=cmd.attempt, idempotency_key=cmd.task_id,
             compensation=cmd.compensation,
             deadline=self._clock.now() + cmd.timeout_s if cmd.timeout_s is not None else None,
         )
-        try:
-            output = await invoke(fn, ctx, cmd.input, name=cmd.handler)
-        except asyncio.CancelledError:
-            raise
-        except NonRetryableError as exc:
-            return self._failed(cmd, ErrorInfo(error_type_name(exc), str(exc), False, exc.details))
-        except Exception as exc:  # a handler's error is data for the engine, whatever its type
-            return self._failed(cmd, ErrorInfo(type(exc).__name__, str(exc) or repr(exc), True))
-        try:
-            orjson.dumps(output)
-        except TypeError as exc:
-            return self._failed(cmd, ErrorInfo("OutputNotJSON", f"handler {cmd.handler!r} returned a value that is not JSON: {exc}", False))
+        output, error = await call_handler(self._registry, cmd.handler, ctx, cmd.input)
+        if error is not None:
+            return TaskFailed(cmd.task_id, self._clock.now(), error, self._clock.jitter())
         return TaskSucceeded(cmd.task_id, self._clock.now(), output)
 
-    def _failed(self, cmd: ExecuteTask, error: ErrorInfo) -> TaskFailed:
-        return TaskFailed(cmd.task_id, self._clock.now(), error, self._clock.jitter())
+
+async def call_handler(registry: Registry, name: str, ctx: Context, input: Any) -> tuple[Any, ErrorInfo | None]:
+    """One attempt of handler `name`: (output, None), or (None, the error as the engine
+    records it). Shared with `baton worker`, so remote attempts fail in the same shapes."""
+    try:
+        fn = registry.get(name)
+    except KeyError as exc:
+        return None, ErrorInfo("UnknownHandler", str(exc.args[0]) if exc.args else name, False)
+    try:
+        output = await invoke(fn, ctx, input, name=name)
+    except asyncio.CancelledError:
+        raise
+    except NonRetryableError as exc:
+        return None, ErrorInfo(error_type_name(exc), str(exc), False, exc.details)
+    except Exception as exc:  # a handler's error is data for the engine, whatever its type
+        return None, ErrorInfo(type(exc).__name__, str(exc) or repr(exc), True)
+    try:
+        orjson.dumps(output)
+    except TypeError as exc:
+        return None, ErrorInfo("OutputNotJSON", f"handler {name!r} returned a value that is not JSON: {exc}", False)
+    return output, None

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from server.engine.decide import ITEMS_SUFFIX
+from server.engine.decide import ITEMS_SUFFIX, only_moves_a_heartbeat
 from server.engine.commands import (
     CancelChild, CancelTask, Command, ExecuteTask, Record, RunFinished, StartChild, StartTimer,
 )
@@ -51,6 +51,8 @@ def load_state(row: RunRow, steps: list[StepRow], graph: CompiledWorkflow) -> Ru
 
 
 def history_rows(state: RunState, at: float, event: Event | None, commands: list[Command]) -> list[HistoryRow]:
+    if event is not None and only_moves_a_heartbeat(event, commands):
+        return []  # one every few seconds per remote task: history would grow without telling anything
     rows = []
     if event is not None:
         rows.append(_row(state, at, event.type, _event_key(state, event), event_to_dict(event)))
@@ -78,7 +80,10 @@ def _row(state: RunState, at: float, type_: str, key: str | None, data: Any) -> 
 def _command_entry(cmd: Command) -> tuple[str, str | None, Any] | None:
     if isinstance(cmd, ExecuteTask):
         kind = "compensation.scheduled" if cmd.compensation else "step.scheduled"
-        return kind, cmd.key, {"task_id": cmd.task_id, "handler": cmd.handler, "attempt": cmd.attempt, "input": cmd.input}
+        data = {"task_id": cmd.task_id, "handler": cmd.handler, "attempt": cmd.attempt, "input": cmd.input}
+        if cmd.queue is not None:
+            data["queue"] = cmd.queue
+        return kind, cmd.key, data
     if isinstance(cmd, Record):
         return cmd.type, cmd.key, cmd.data
     if isinstance(cmd, RunFinished):

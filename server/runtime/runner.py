@@ -36,22 +36,23 @@ from server.definitions.expressions import Template
 from server.engine.commands import (
     CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, Record, RunFinished, StartChild, StartTimer,
 )
-from server.engine.decide import decide, inflight_commands, new_run
+from server.engine.decide import decide, inflight_commands, new_run, started_remote_tasks
 from server.engine.events import (
-    CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TimerFired,
-    event_to_dict,
+    CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TaskFailed,
+    TaskHeartbeat, TimerFired, event_to_dict,
 )
 from server.engine.graph import CompiledWorkflow, compile_workflow
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
 from server.errors import (
-    BatonError, Conflict, ExpressionError, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound,
+    BadRequest, BatonError, Conflict, ExpressionError, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound,
 )
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.executor import Executor, RunInfo
+from server.runtime.lifecycle import lifecycle_rows
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
 from server.runtime.timers import Timers
 from server.settings import Limits
-from server.store.base import TERMINAL, Batch, DefinitionRow, RunRow, Store, TimerRow
+from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, Store, TimerRow
 
 log = logging.getLogger("baton.runtime")
 
@@ -108,6 +109,12 @@ class Runtime:
         self.remote: Any = None
         # nats_state: "connected", "reconnecting", ... for readiness
         self.nats_state: Callable[[], str] | None = None
+        # lifecycle events: written to the outbox with each transition; outbox_written
+        # wakes the publisher after a commit that wrote some
+        self.lifecycle = False
+        self.outbox_written: Callable[[], None] | None = None
+        # triggers: the event-trigger consumer (EventTriggers), which replays dead letters
+        self.triggers: Any = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -166,6 +173,8 @@ class Runtime:
             if state.workflow_id and not state.terminal:
                 self._open_wids[(state.workflow, state.workflow_id)] = state.run_id
             self._dispatch(state, inflight_commands(state))
+            for task_id in started_remote_tasks(state):  # queued before the timers start firing
+                self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
         for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
             self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
         for key in list(self._queued):
@@ -210,6 +219,14 @@ class Runtime:
         start = Start(self.clock.now(), input=input, event=event, workflow_id=workflow_id, by=by)
 
         async def check(st: RunState) -> Any:
+            if run_id is not None:
+                # a caller-chosen id (an event's, a child's) names one run, once: the
+                # cache holds one decided earlier in this batch, the store older ones
+                cached = self._cache.get(run_id)
+                if cached is not None and cached is not st:
+                    return run_row(cached, self.clock.now())
+                if (stored := await self.store.get_run(run_id)) is not None:
+                    return stored
             if workflow_id is None:
                 return None
             existing = await self._open_run_with(loaded.model.name, workflow_id)
@@ -296,6 +313,23 @@ class Runtime:
                 if not waiting:
                     del self._waiters[run_id]
 
+    async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        before = None
+        if cursor is not None:
+            if not cursor.isdigit():
+                raise BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
+            before = int(cursor)
+        rows = await self.store.list_dead_letters(limit=limit + 1, before_id=before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_dead_letter_view(r) for r in rows], (str(rows[-1].id) if more else None)
+
+    async def replay_dead_letter(self, id: int) -> dict[str, Any]:
+        self._require_accepting()
+        if self.triggers is None:
+            raise Unavailable("event triggers are not running (NATS is off)")
+        return await self.triggers.replay(id)
+
     # -------------------------------------------------------------- the pump
 
     async def _submit(self, run_id: str, event: Event, check: Check | None = None,
@@ -366,6 +400,8 @@ class Runtime:
             self._cache[state.run_id] = state  # until the commit: the eviction pass below decides
             _, commands = decide(state, item.event)
             batch.history += history_rows(state, item.event.at, item.event, commands)
+            if self.lifecycle:
+                batch.outbox += lifecycle_rows(state, item.event, commands)
             if isinstance(item.event, TimerFired):
                 timer_ops[(state.run_id, item.event.timer_id)] = None
             for cmd in commands:
@@ -399,6 +435,8 @@ class Runtime:
                 _fail(item, exc)
             return
         self._store_ok = True
+        if batch.outbox and self.outbox_written is not None:
+            self.outbox_written()
         for state, commands, item in decided:
             self._dispatch(state, commands)
             if item.future is not None:  # most events are handler outcomes that nobody awaits
@@ -413,10 +451,13 @@ class Runtime:
                 if self._draining:
                     continue  # it stays in flight in the store and starts after the restart
                 run = RunInfo(state.run_id, state.workflow, state.version, state.workflow_id)
-                if cmd.queue is not None and self.remote is not None:
-                    self.remote.submit(cmd, run)
-                else:
+                if cmd.queue is None:
                     self.executor.submit(cmd, run)
+                elif self.remote is not None:
+                    self.remote.submit(cmd, run)
+                else:  # its handler lives in a worker that only NATS can reach
+                    error = ErrorInfo("QueueUnavailable", f"step needs a worker of queue {cmd.queue!r}, and NATS is disabled", False)
+                    self._submit_internal(state.run_id, TaskFailed(cmd.task_id, self.clock.now(), error, self.clock.jitter()))
             elif isinstance(cmd, CancelTask):
                 self.executor.cancel(cmd.task_id)
                 if self.remote is not None:
@@ -479,6 +520,14 @@ class Runtime:
             return str(template.render({"input": input, "event": event}))
         except ExpressionError as exc:
             raise InvalidInput(f"concurrency.key: {exc.message}", field="input") from None
+
+    def at_capacity(self, workflow: str, input: Any, event: Any) -> bool:
+        """Would a new run of `workflow` with this input wait for a concurrency slot?"""
+        loaded = self.catalog.latest(workflow)
+        if loaded is None or loaded.model.concurrency is None:
+            return False
+        slot = self._slot_of(loaded, input, event)
+        return len(self._active.get((workflow, slot), ())) >= loaded.model.concurrency.limit
 
     def _take_slot(self, state: RunState) -> bool:
         limit = state.graph.definition.concurrency.limit
@@ -653,3 +702,13 @@ def _detail(row: RunRow, state: RunState) -> dict[str, Any]:
         **_summary_row(row), "input": state.input, "output": state.output, "error": state.error,
         "waiting_for": sorted(state.signals), "steps": steps,
     }
+
+
+def _dead_letter_view(row: DeadLetterRow) -> dict[str, Any]:
+    try:
+        data: Any = orjson.loads(row.data) if row.data else None
+    except orjson.JSONDecodeError:
+        data = row.data.decode("utf-8", errors="replace")
+    return {"id": row.id, "at": iso(row.at), "subject": row.subject, "event_key": row.event_key,
+            "workflow": row.workflow, "error": row.error, "headers": orjson.loads(row.headers), "data": data,
+            "replayed_at": iso(row.replayed_at), "replay_run": row.replay_run}

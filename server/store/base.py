@@ -78,6 +78,38 @@ class TimerRow:
 
 
 @dataclass(slots=True)
+class EventRow:
+    event_key: str  # Nats-Msg-Id, or CloudEvents `source` + `id`
+    subject: str
+    received_at: float
+    outcome: str  # started | unmatched | dead_lettered
+    runs: bytes  # JSON [{"workflow", "run_id", "created"}]
+
+
+@dataclass(slots=True)
+class DeadLetterRow:
+    id: int | None  # assigned by the store
+    at: float
+    subject: str
+    event_key: str | None
+    workflow: str | None
+    error: str
+    headers: bytes  # JSON object: the original message's headers
+    data: bytes  # the original message body
+    replayed_at: float | None = None
+    replay_run: str | None = None
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    id: int | None  # assigned by the store, in commit order
+    subject: str
+    msg_id: str  # Nats-Msg-Id: a re-publish after a crash is deduplicated by the stream
+    headers: bytes  # JSON object
+    data: bytes
+
+
+@dataclass(slots=True)
 class Batch:
     """Everything one decision writes; committed in one transaction."""
 
@@ -87,6 +119,12 @@ class Batch:
     timers_set: list[TimerRow] = field(default_factory=list)
     timers_deleted: list[tuple[str, str]] = field(default_factory=list)  # (run_id, timer_id)
     steps_deleted: list[tuple[str, str]] = field(default_factory=list)  # (run_id, key)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    outbox_deleted: list[int] = field(default_factory=list)  # ids published
+    events: list[EventRow] = field(default_factory=list)  # an existing key is left as it is
+    events_pruned_before: float | None = None  # delete event rows received before this
+    dead_letters: list[DeadLetterRow] = field(default_factory=list)
+    dead_letters_replayed: list[tuple[int, float, str]] = field(default_factory=list)  # (id, at, run_id)
 
 
 @dataclass(slots=True)
@@ -155,6 +193,16 @@ class Store(Protocol):
 
     async def list_definitions(self, name: str | None = None) -> list[DefinitionRow]:
         """By name, then oldest first."""
+
+    async def get_event(self, event_key: str) -> EventRow | None: ...
+
+    async def list_dead_letters(self, *, limit: int = 50, before_id: int | None = None) -> list[DeadLetterRow]:
+        """Newest first; `before_id` pages backwards."""
+
+    async def get_dead_letter(self, id: int) -> DeadLetterRow | None: ...
+
+    async def outbox_pending(self, limit: int) -> list[OutboxRow]:
+        """The oldest rows not yet published, by id."""
 
     async def integrity_check(self) -> str:
         """"ok" when the database is healthy, else the problems found."""

@@ -54,8 +54,11 @@ from server.store.base import (
     RESUMABLE,
     TERMINAL,
     Batch,
+    DeadLetterRow,
     DefinitionRow,
+    EventRow,
     HistoryRow,
+    OutboxRow,
     RunRow,
     StepRow,
     TimerRow,
@@ -84,6 +87,9 @@ _STEP_COLUMNS = "run_id, key, step_id, status, attempt, started_at, finished_at,
 _HISTORY_COLUMNS = "run_id, seq, at, type, key, data"
 _TIMER_COLUMNS = "run_id, timer_id, fire_at"
 _DEFINITION_COLUMNS = "def_hash, name, version, source, created_at"
+_EVENT_COLUMNS = "event_key, subject, received_at, outcome, runs"
+_DEAD_LETTER_COLUMNS = "id, at, subject, event_key, workflow, error, headers, data, replayed_at, replay_run"
+_OUTBOX_COLUMNS = "id, subject, msg_id, headers, data"
 
 # The identity columns (workflow, version, def_hash, workflow_id, created_at) are
 # written once: leaving them out of the UPDATE spares four index rewrites per
@@ -111,6 +117,12 @@ _INSERT_DEFINITION = (
     f"INSERT INTO definitions ({_DEFINITION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
     " ON CONFLICT (def_hash) DO NOTHING"
 )
+_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_key) DO NOTHING"
+_PRUNE_EVENTS = "DELETE FROM events WHERE received_at < ?"
+_INSERT_DEAD_LETTER = f"INSERT INTO dead_letters ({_DEAD_LETTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_REPLAYED_DEAD_LETTER = "UPDATE dead_letters SET replayed_at = ?, replay_run = ? WHERE id = ?"
+_INSERT_OUTBOX = f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+_DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ?"
 
 
 def _getter(columns: str) -> Callable[[Any], tuple]:
@@ -122,6 +134,9 @@ _step_params = _getter(_STEP_COLUMNS)
 _history_params = _getter(_HISTORY_COLUMNS)
 _timer_params = _getter(_TIMER_COLUMNS)
 _definition_params = _getter(_DEFINITION_COLUMNS)
+_event_params = _getter(_EVENT_COLUMNS)
+_dead_letter_params = _getter(_DEAD_LETTER_COLUMNS)
+_outbox_params = _getter(_OUTBOX_COLUMNS)
 
 
 # -- error mapping -------------------------------------------------------------
@@ -187,6 +202,12 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
     steps_deleted: set[tuple[str, str]] = set()
     timers: dict[tuple[str, str], tuple] = {}
     timers_deleted: set[tuple[str, str]] = set()
+    outbox: list[tuple] = []
+    outbox_deleted: list[tuple] = []
+    events: list[tuple] = []
+    events_pruned: list[tuple] = []
+    dead_letters: list[tuple] = []
+    replayed: list[tuple] = []
     for item in items:
         if isinstance(item, DefinitionRow):
             definitions.append(_definition_params(item))
@@ -203,6 +224,13 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         for run_id, timer_id in item.timers_deleted:
             timers.pop((run_id, timer_id), None)
             timers_deleted.add((run_id, timer_id))
+        outbox.extend(map(_outbox_params, item.outbox))
+        outbox_deleted.extend((id_,) for id_ in item.outbox_deleted)
+        events.extend(map(_event_params, item.events))
+        if item.events_pruned_before is not None:
+            events_pruned.append((item.events_pruned_before,))
+        dead_letters.extend(map(_dead_letter_params, item.dead_letters))
+        replayed.extend((at, run_id, id_) for id_, at, run_id in item.dead_letters_replayed)
     statements = [
         (_DELETE_STEP, list(steps_deleted)),
         (_DELETE_TIMER, list(timers_deleted)),
@@ -211,6 +239,12 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         (_INSERT_HISTORY, history),
         (_UPSERT_TIMER, list(timers.values())),
         (_INSERT_DEFINITION, definitions),
+        (_INSERT_OUTBOX, outbox),
+        (_DELETE_OUTBOX, outbox_deleted),
+        (_PRUNE_EVENTS, events_pruned),
+        (_INSERT_EVENT, events),
+        (_INSERT_DEAD_LETTER, dead_letters),
+        (_REPLAYED_DEAD_LETTER, replayed),
     ]
     return [(sql, params) for sql, params in statements if params]
 
@@ -589,6 +623,26 @@ class SQLiteStore:
         where = " WHERE name = ?" if name is not None else ""
         sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions{where} ORDER BY name, created_at, def_hash"
         return [DefinitionRow(*row) for row in await self._fetch(sql, () if name is None else (name,))]
+
+    async def get_event(self, event_key: str) -> EventRow | None:
+        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_key = ?", (event_key,))
+        return EventRow(*rows[0]) if rows else None
+
+    async def list_dead_letters(self, *, limit: int = 50, before_id: int | None = None) -> list[DeadLetterRow]:
+        if limit < 1:
+            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
+        where = " WHERE id < ?" if before_id is not None else ""
+        params = (before_id, limit) if before_id is not None else (limit,)
+        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY id DESC LIMIT ?"
+        return [DeadLetterRow(*row) for row in await self._fetch(sql, params)]
+
+    async def get_dead_letter(self, id: int) -> DeadLetterRow | None:
+        rows = await self._fetch(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (id,))
+        return DeadLetterRow(*rows[0]) if rows else None
+
+    async def outbox_pending(self, limit: int) -> list[OutboxRow]:
+        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?"
+        return [OutboxRow(*row) for row in await self._fetch(sql, (limit,))]
 
     async def integrity_check(self) -> str:
         return "\n".join(str(message) for (message,) in await self._fetch("PRAGMA integrity_check"))

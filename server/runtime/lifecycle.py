@@ -1,0 +1,71 @@
+"""Run and step lifecycle events, as outbox rows written with the transition.
+
+Subjects: `baton.run.<workflow>.<status>` for a run that started or ended, and
+`baton.step.<workflow>.<step_id>.<status>` for a step instance that ended
+(succeeded, failed, skipped, cancelled). The body is a structured-mode
+CloudEvent (type `baton.run.<status>` / `baton.step.<status>`); the headers carry
+the run's W3C trace context.
+
+Event ids are derived from what happened, not from when: a run's status per run
+attempt, a step's status per run attempt and step attempt. So an event produced
+twice (a crash between commit and publish, a replay) has the same id, and the
+stream's Nats-Msg-Id dedupe drops the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import orjson
+
+from server.bus.cloudevents import make_event
+from server.engine.commands import Command, RunFinished
+from server.engine.events import Event, RetryRequested, Start
+from server.engine.state import CANCELLED, FAILED, QUEUED, SKIPPED, SUCCEEDED, RunState
+from server.store.base import OutboxRow
+
+STEP_ENDS = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # a subject token may not hold `.`, `*`, `>` or spaces
+
+
+def token(name: str) -> str:
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def run_traceparent(run_id: str) -> str:
+    """The run's W3C trace context (trace-context §3.2), derived from its id, so every
+    process and every restart agrees on the run's trace without storing it."""
+    digest = hashlib.sha256(run_id.encode()).hexdigest()
+    return f"00-{digest[:32]}-{digest[32:48]}-01"
+
+
+def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> list[OutboxRow]:
+    rows: list[OutboxRow] = []
+    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id), "Baton-Run-Id": state.run_id})
+    wf = token(state.workflow)
+    if isinstance(event, (Start, RetryRequested)) and state.status != QUEUED:
+        rows.append(_run_row(state, "started", headers, event.at, None))
+    for key in state.dirty:
+        st = state.steps.get(key)
+        if st is None or st.status not in STEP_ENDS or st.finished_at != event.at:
+            continue  # not a step row, or not ended by this event
+        data = {"run_id": state.run_id, "workflow": state.workflow, "version": state.version,
+                "workflow_id": state.workflow_id, "key": key, "step_id": st.step_id, "status": st.status,
+                "attempt": st.attempt, "output": st.output, "error": st.error}
+        id_ = f"{state.run_id}:{key}:{st.status}:{state.attempt}:{st.attempt}"
+        body = make_event(f"baton.step.{st.status}", id_, state.run_id, data, event.at)
+        rows.append(OutboxRow(None, f"baton.step.{wf}.{token(st.step_id)}.{st.status}", id_, headers, body))
+    for cmd in commands:
+        if isinstance(cmd, RunFinished):
+            rows.append(_run_row(state, cmd.status, headers, event.at, {"output": cmd.output, "error": cmd.error}))
+    return rows
+
+
+def _run_row(state: RunState, status: str, headers: bytes, at: float, extra: dict[str, Any] | None) -> OutboxRow:
+    data = {"run_id": state.run_id, "workflow": state.workflow, "version": state.version,
+            "workflow_id": state.workflow_id, "status": status, "attempt": state.attempt, **(extra or {})}
+    id_ = f"{state.run_id}:{status}:{state.attempt}"
+    body = make_event(f"baton.run.{status}", id_, state.run_id, data, at)
+    return OutboxRow(None, f"baton.run.{token(state.workflow)}.{status}", id_, headers, body)
