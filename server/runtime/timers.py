@@ -35,6 +35,7 @@ class Timers:
         self._horizon = 0.0  # every stored timer due before this is in the heap
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         await self._refill()
@@ -42,6 +43,10 @@ class Timers:
 
     async def stop(self) -> None:
         if self._task is not None:
+            # Python 3.11's wait_for can swallow a cancel that races with the event it
+            # waits for; the flag ends the loop even then.
+            self._stopping = True
+            self._wake.set()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
@@ -74,7 +79,7 @@ class Timers:
         self._horizon = rows[-1].fire_at if len(rows) == REFILL_BATCH else until
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             now = self._clock.now()
             while self._heap and self._heap[0][0] <= now:
                 fire_at, run_id, timer_id = heapq.heappop(self._heap)
