@@ -31,17 +31,22 @@ from server.triggers.events import EventTriggers
 log = logging.getLogger("baton")
 
 
-def import_handler_modules(settings: Settings) -> None:
-    """Import the handler modules named in the settings (ImportError names the module)."""
+def import_handler_modules(modules: list[str]) -> None:
+    """Import handler modules (ImportError names the module)."""
     # a user's handler package sits in the project directory, as it would for `python -m`
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    handlers.load_modules(settings.handler_modules)
+    handlers.load_modules(modules)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def load_catalog(settings: Settings) -> Catalog:
     """Import the handler modules, then load and check every workflow file against them."""
-    import_handler_modules(settings)
+    import_handler_modules(settings.handler_modules)
     catalog, problems = Catalog.from_paths(settings.workflows, known_handlers=set(handlers.REGISTRY.names()))
     if problems:
         raise DefinitionError(problems)
@@ -151,6 +156,5 @@ async def serve(settings: Settings, *, dev: bool = False) -> None:
 
 
 def run_server(settings: Settings, *, dev: bool = False) -> None:
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     asyncio.run(serve(settings, dev=dev))

@@ -199,7 +199,7 @@ def validate(
     from server.definitions.loader import load_paths
 
     try:
-        import_handler_modules(settings)
+        import_handler_modules(settings.handler_modules)
     except ImportError as exc:
         raise _fail(str(exc)) from None
     loaded, problems = load_paths(paths or settings.workflows, known_handlers=set(handlers.REGISTRY.names()))

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import OrderedDict
 from typing import Any
@@ -31,7 +30,8 @@ import orjson
 
 import handlers
 from handlers import Context, Registry
-from server.bus.connection import Bus, mapped
+from server.app import configure_logging, import_handler_modules
+from server.bus.connection import Bus, mapped, settle
 from server.bus.tasks import (
     FAILED, HEARTBEAT, RESULTS_STREAM, STARTED, SUCCEEDED, TASKS_STREAM, Result, Task, cancel_subject, decode_task,
     encode_result, result_subject, task_subject, worker_consumer,
@@ -125,11 +125,11 @@ class Worker:
             task = decode_task(msg.data)
         except BadRequest as exc:
             log.error("dropping a malformed task on %s: %s", msg.subject, exc.message)
-            await _settle(msg.term)
+            await settle(msg.term)
             return False
         if task.task_id in self._running or task.task_id in self._cancelled or _past(task.deadline):
             log.info("skipping task %s: already running here, cancelled, or past its deadline", task.task_id)
-            await _settle(msg.ack)
+            await settle(msg.ack)
             return False
         runner = asyncio.create_task(self._run(queue, task, msg), name=task.task_id)
         self._running[task.task_id] = runner
@@ -157,9 +157,9 @@ class Worker:
 
     async def _run(self, queue: str, task: Task, msg: Any) -> None:
         if not await self._send(queue, Result(task.task_id, task.run_id, STARTED, self.name), retry=False):
-            await _settle(msg.nak, RETRY_S)  # Baton has not heard of it: offer it again
+            await settle(msg.nak, RETRY_S)  # Baton has not heard of it: offer it again
             return
-        await _settle(msg.ack)
+        await settle(msg.ack)
         beating = asyncio.create_task(self._heartbeats(queue, task))
         try:
             output, error = await self._call(task)
@@ -221,21 +221,13 @@ def _loop_time(deadline: float) -> float:
     return asyncio.get_running_loop().time() + (deadline - time.time())
 
 
-async def _settle(action: Any, *args: Any) -> None:
-    try:
-        await action(*args)
-    except Exception as exc:  # the connection is away: the message comes again
-        log.debug("cannot settle a task message: %s", exc or type(exc).__name__)
-
 
 # --- the process ------------------------------------------------------------------------
 
 
 async def serve_worker(settings: Settings, queues: list[str], modules: list[str], *, concurrency: int,
                        grace_s: float) -> None:
-    if os.getcwd() not in sys.path:  # a user's handler package sits in the project directory
-        sys.path.insert(0, os.getcwd())
-    handlers.load_modules(modules)
+    import_handler_modules(modules)
     bus = Bus(settings.nats_servers, settings.nats, name=f"baton-worker {settings.worker.name or os.getpid()}")
     await bus.connect()
     try:
@@ -254,6 +246,5 @@ async def serve_worker(settings: Settings, queues: list[str], modules: list[str]
 
 
 def run_worker(settings: Settings, queues: list[str], modules: list[str], *, concurrency: int, grace_s: float) -> None:
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
     asyncio.run(serve_worker(settings, queues, modules, concurrency=concurrency, grace_s=grace_s))

@@ -20,7 +20,7 @@ from handlers.context import idempotency_key
 from handlers.http import header_injectors
 from handlers.nats import NatsError, NatsRequestError
 from server.app import open_runtime
-from server.bus.signals import flush_all  # one flush() may overtake a SUB
+from server.bus.connection import flush_all  # one flush() may overtake a SUB
 from server.settings import load_settings
 
 pytestmark = pytest.mark.integration

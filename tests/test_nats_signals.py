@@ -15,25 +15,16 @@ from nats.aio.client import Client
 
 from server.app import open_runtime
 from server.bus.connection import Bus
-from server.bus.signals import SignalListener, flush_all, parse_subject
+from server.bus.connection import flush_all
+from server.bus.signals import SignalListener, parse_subject
 from server.errors import BadRequest, Conflict
 from server.settings import load_settings
+from tests import sample_workflows
 
 pytestmark = pytest.mark.integration
 
-APPROVAL = """
-name: approval
-steps:
-  - id: prep
-    task: echo
-    input: {ready: true}
-  - id: gate
-    wait_for_signal: {signal: approve}
-  - id: done
-    task: echo
-    input: {approved: "{{ steps.gate.output }}"}
-output: "{{ steps.done.output.approved }}"
-"""
+# the shared approval workflow, with the signal's payload as the run's output
+APPROVAL = sample_workflows.APPROVAL + 'output: "{{ steps.done.output.approved }}"\n'
 
 DOTTED = """
 name: dotted

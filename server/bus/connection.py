@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +33,29 @@ log = logging.getLogger("baton.nats")
 
 DRAIN_TIMEOUT_S = 5.0
 PUBLISH_TIMEOUT_S = 5.0  # a JetStream publish waits this long for the stream's ack
+
+
+async def settle(action: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Ack, nak or term a JetStream message. If the connection is away, the message is
+    delivered again after its ack wait, and whoever consumes it dedupes the copy."""
+    try:
+        await action(*args)
+    except Exception as exc:
+        log.debug("cannot settle a message: %s", exc or type(exc).__name__)
+
+
+async def flush_all(nc: Client) -> None:
+    """Return once the server has processed everything `nc` sent so far (e.g. a SUB,
+    so a message sent next is not missed or answered "no responders").
+
+    One flush() is not enough with nats-py 2.16: it writes its PING straight to the
+    socket, ahead of commands still queued for the client's flusher task (a SUB just
+    sent), so the PONG can come back before the server has them (a few starts in a
+    hundred). The flusher runs while the first PING is in flight, so the second PING
+    follows them.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from server.bus.connection import Bus, mapped
+from server.bus.connection import Bus, mapped, settle
 from server.bus.tasks import (
     RESULTS_STREAM, TASKS_STREAM, cancel_subject, decode_result, encode_task, result_event, results_consumer,
     task_subject,
@@ -177,27 +177,19 @@ class RemoteTasks:
             result = decode_result(msg.data)
         except BadRequest as exc:
             log.error("dropping a malformed message on %s: %s", msg.subject, exc.message)
-            await _settle(msg.term)
+            await settle(msg.term)
             return
         try:
             await self.runtime.report(result.run_id, result_event(result, self.clock.now(), self.clock.jitter()))
         except RunNotFound:
             log.warning("dropping a %s result of task %s: no such run", result.type, result.task_id)
-            await _settle(msg.term)
+            await settle(msg.term)
             return
         except BatonError as exc:  # the store is failing, or Baton is stopping: later
             log.warning("cannot take the %s result of task %s yet: %s", result.type, result.task_id, exc.message)
-            await _settle(msg.nak, RETRY_S)
+            await settle(msg.nak, RETRY_S)
             return
         if result.terminal:
             self._sent.pop(result.task_id, None)
-        await _settle(msg.ack)
+        await settle(msg.ack)
 
-
-async def _settle(action: Callable[..., Any], *args: Any) -> None:
-    """Ack/nak/term; if the connection is away, the message comes again and the engine
-    ignores what it already has."""
-    try:
-        await action(*args)
-    except Exception as exc:
-        log.debug("cannot settle a result message: %s", exc or type(exc).__name__)

@@ -32,10 +32,9 @@ from typing import Any
 
 import nats.errors
 import orjson
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from server.bus.connection import Bus, mapped
+from server.bus.connection import Bus, flush_all, mapped
 from server.errors import BadJson, BadRequest, BatonError, PayloadTooLarge
 from server.runtime.base import Orchestrator
 
@@ -84,21 +83,6 @@ def sender(headers: dict[str, str] | None) -> str:
     if len(by) > MAX_BY_CHARS:
         raise BadRequest(f"{BY_HEADER} header is {len(by)} characters; the limit is {MAX_BY_CHARS}", field=BY_HEADER)
     return by
-
-
-async def flush_all(nc: Client) -> None:
-    """Return once the server has processed everything `nc` sent so far. Here: the
-    server has the subscription, so a signal sent after start() is not missed (or
-    answered "no responders").
-
-    One flush() is not enough with nats-py 2.16: it writes its PING straight to the
-    socket, ahead of commands still queued for the client's flusher task (a SUB just
-    sent), so the PONG can come back before the server has them (a few starts in a
-    hundred). The flusher runs while the first PING is in flight, so the second PING
-    follows them.
-    """
-    await nc.flush()
-    await nc.flush()
 
 
 class SignalListener:

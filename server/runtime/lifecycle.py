@@ -42,11 +42,12 @@ def run_traceparent(run_id: str) -> str:
 
 
 def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> list[OutboxRow]:
-    rows: list[OutboxRow] = []
-    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id), "Baton-Run-Id": state.run_id})
+    """The lifecycle events `event` caused, as outbox rows (none for most heartbeats,
+    timers and ignored events: then nothing is encoded)."""
+    events: list[tuple[str, str, bytes]] = []  # (subject, id, body)
     wf = token(state.workflow)
     if isinstance(event, (Start, RetryRequested)) and state.status != QUEUED:
-        rows.append(_run_row(state, "started", headers, event.at, None))
+        events.append(_run_event(state, "started", event.at, None))
     for key in state.dirty:
         st = state.steps.get(key)
         if st is None or st.status not in STEP_ENDS or st.finished_at != event.at:
@@ -56,16 +57,19 @@ def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> li
                 "attempt": st.attempt, "output": st.output, "error": st.error}
         id_ = f"{state.run_id}:{key}:{st.status}:{state.attempt}:{st.attempt}"
         body = make_event(f"baton.step.{st.status}", id_, state.run_id, data, event.at)
-        rows.append(OutboxRow(None, f"baton.step.{wf}.{token(st.step_id)}.{st.status}", id_, headers, body))
+        events.append((f"baton.step.{wf}.{token(st.step_id)}.{st.status}", id_, body))
     for cmd in commands:
         if isinstance(cmd, RunFinished):
-            rows.append(_run_row(state, cmd.status, headers, event.at, {"output": cmd.output, "error": cmd.error}))
-    return rows
+            events.append(_run_event(state, cmd.status, event.at, {"output": cmd.output, "error": cmd.error}))
+    if not events:
+        return []
+    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id), "Baton-Run-Id": state.run_id})
+    return [OutboxRow(None, subject, id_, headers, body) for subject, id_, body in events]
 
 
-def _run_row(state: RunState, status: str, headers: bytes, at: float, extra: dict[str, Any] | None) -> OutboxRow:
+def _run_event(state: RunState, status: str, at: float, extra: dict[str, Any] | None) -> tuple[str, str, bytes]:
     data = {"run_id": state.run_id, "workflow": state.workflow, "version": state.version,
             "workflow_id": state.workflow_id, "status": status, "attempt": state.attempt, **(extra or {})}
     id_ = f"{state.run_id}:{status}:{state.attempt}"
     body = make_event(f"baton.run.{status}", id_, state.run_id, data, at)
-    return OutboxRow(None, f"baton.run.{token(state.workflow)}.{status}", id_, headers, body)
+    return f"baton.run.{token(state.workflow)}.{status}", id_, body

@@ -33,7 +33,7 @@ import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
 from server.bus.cloudevents import EventError, parse_event
-from server.bus.connection import Bus, mapped
+from server.bus.connection import Bus, mapped, settle
 from server.definitions.triggers import CompiledEventTrigger, compile_event_trigger, minimal_subjects
 from server.errors import BatonError, Conflict, ExpressionError, InvalidInput, NotFound
 from server.runtime.runner import Runtime
@@ -173,11 +173,7 @@ class EventTriggers:
     async def _nak(self, msg: Any) -> None:
         self.stats["retried"] += 1
         delivered = msg.metadata.num_delivered if msg.metadata else 1
-        delay = min(RETRY_DELAY_S * 2 ** max(0, delivered - 1), RETRY_DELAY_MAX_S)
-        try:
-            await msg.nak(delay=delay)
-        except nats.errors.Error:
-            pass  # not acknowledged either way: ack_wait brings it back
+        await settle(msg.nak, min(RETRY_DELAY_S * 2 ** max(0, delivered - 1), RETRY_DELAY_MAX_S))
 
     async def _process(self, msg: Any) -> None:
         seq = msg.metadata.sequence.stream if msg.metadata else None
@@ -281,8 +277,6 @@ class EventTriggers:
         started = [r for r in results if "run_id" in r]
         if not started:
             raise Conflict("the event matches no trigger now (its filter is false or the trigger is gone)")
-        batch.dead_letters.clear()
-        batch.outbox.clear()
         batch.dead_letters_replayed.append((dead_letter_id, now, started[0]["run_id"]))
         await self.store.commit(batch)
         return {"id": dead_letter_id, "runs": started}
