@@ -139,6 +139,7 @@ def _server_env(workdir: Path, port: int, sync: str) -> dict[str, str]:
         BATON_HANDLER_MODULES="[]",
         BATON_SQLITE_SYNC=sync,
         BATON_LOG_LEVEL="WARNING",
+        BATON_AUTH__ENABLED="false",  # the driver measures orchestration, not token checks
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
     )
     return env

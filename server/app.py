@@ -138,6 +138,12 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
 async def serve(settings: Settings, *, dev: bool = False) -> None:
     from server.api.app import build_api
 
+    if dev and settings.auth.enabled:
+        settings = settings.model_copy(update={"auth": settings.auth.model_copy(update={"enabled": False})})
+    if not settings.auth.enabled:
+        log.warning("API authentication is OFF: every caller has every role. Keep this port on loopback "
+                    "(`baton serve` with auth.tokens turns it on)")
+
     async with open_runtime(settings) as runtime:
         runner = web.AppRunner(build_api(runtime, settings), access_log=None, handle_signals=False)
         await runner.setup()

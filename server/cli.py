@@ -77,7 +77,9 @@ def _settings(config: Path | None = None, **overrides: Any) -> Settings:
 
 
 def _client(url: str | None) -> BatonClient:
-    return BatonClient(url or _settings().url)
+    settings = _settings()
+    token = settings.token.get_secret_value() if settings.token is not None else None
+    return BatonClient(url or settings.url, token=token)
 
 
 def client_command(fn: F) -> F:
@@ -143,6 +145,13 @@ def serve(
 ) -> None:
     """Run the server."""
     settings = _settings(config, host=host, port=port)
+    if settings.auth.enabled and not settings.auth.tokens:
+        raise _fail(
+            "API authentication is on and no tokens are configured, so every call would be refused. "
+            "Create one with `baton token create NAME --role admin` and add it under auth.tokens in "
+            "config/baton.yaml, or set auth.enabled: false (BATON_AUTH__ENABLED=false) to run without auth",
+            code=2,
+        )
     from server.app import run_server
 
     run_server(settings, dev=False)
@@ -220,6 +229,33 @@ def schema() -> None:
     from server.definitions.loader import workflow_json_schema
 
     typer.echo(orjson.dumps(workflow_json_schema(), option=orjson.OPT_INDENT_2).decode())
+
+
+token_app = typer.Typer(help="API tokens: create one and put its hash in the config.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who holds it: shown in the audit log and in history")],
+    roles: Annotated[list[str], typer.Option("--role", help="viewer, operator, approver or admin (repeatable)")],
+) -> None:
+    """Print a new random token (once: keep it) and the config entry that accepts it."""
+    from server.api.auth import hash_token, new_token
+    from server.settings import ApiToken
+
+    from pydantic import ValidationError
+
+    try:
+        entry = ApiToken(name=name, sha256="0" * 64, roles=roles)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise _fail(f"invalid token: {problems}", code=2) from None
+    token = new_token()
+    typer.echo(f"token: {token}")
+    typer.echo("Add this under auth.tokens in config/baton.yaml (the server keeps only the hash):")
+    typer.echo(f"  - {{name: {entry.name}, roles: [{', '.join(entry.roles)}], sha256: {hash_token(token)}}}")
+    typer.echo(f"Clients send it as `Authorization: Bearer {token[:6]}...`; the CLI reads BATON_TOKEN.")
 
 
 # --- runs -----------------------------------------------------------------------------

@@ -30,9 +30,10 @@ class ClientError(Exception):
 
 
 class BatonClient:
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.token = token
 
     # --- runs ---------------------------------------------------------------------
 
@@ -131,6 +132,8 @@ class BatonClient:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return response.status, response.read()

@@ -9,6 +9,10 @@
     ├── InvalidInput             run input does not match the workflow's input_schema
     ├── Conflict                 the request contradicts the run's state (e.g. signal to a finished run)
     ├── PayloadTooLarge
+    ├── UnsupportedMediaType     a body that is not JSON where JSON is required (webhooks)
+    ├── Unauthorized             no valid credentials: bearer token, webhook signature, approval token
+    ├── Forbidden                valid credentials without the role the endpoint needs
+    ├── Gone                     an approval link past its expiry
     ├── BadRequest               malformed request (e.g. JSON that does not parse)
     │   └── BadJson              a body (HTTP request, NATS signal) that is not JSON
     ├── StoreError               the store failed (disk full, read-only, corrupt)
@@ -69,6 +73,22 @@ class Conflict(BatonError):
 
 class PayloadTooLarge(BatonError):
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(BatonError):
+    code = "unsupported_media_type"
+
+
+class Unauthorized(BatonError):
+    code = "unauthorized"
+
+
+class Forbidden(BatonError):
+    code = "forbidden"
+
+
+class Gone(BatonError):
+    code = "gone"
 
 
 class BadRequest(BatonError):

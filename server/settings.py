@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from ruamel.yaml import YAML, YAMLError
 
@@ -92,6 +92,39 @@ class Worker(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=128)
 
 
+ROLES = ("viewer", "operator", "approver", "admin")
+Role = Literal["viewer", "operator", "approver", "admin"]
+
+
+class ApiToken(BaseModel):
+    """One bearer token, stored as the SHA-256 of the token (`baton token create` prints both)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # who, in the audit log and history
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    roles: list[Role] = Field(min_length=1)
+
+
+class Auth(BaseModel):
+    """API authentication: bearer tokens with roles. `baton dev` turns it off (and says so);
+    `baton serve` refuses to start with it on and no tokens, rather than lock everyone out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+    tokens: list[ApiToken] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Auth":
+        names = [t.name for t in self.tokens]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"token names must be unique; repeated: {', '.join(dupes)}")
+        hashes = [t.sha256 for t in self.tokens]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("two tokens have the same sha256: each token needs its own secret")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
@@ -103,6 +136,11 @@ class Settings(BaseSettings):
     workflows: list[Path] = [Path("config/workflows")]
     handler_modules: list[str] = []
     url: str = "http://127.0.0.1:8080"  # where CLI client commands reach the server
+    # the bearer token CLI client commands send (BATON_TOKEN); the server never reads it
+    token: SecretStr | None = None
+    # where people reach Baton, for links in approval notifications; default `url`
+    public_url: str | None = None
+    auth: Auth = Auth()
     log_level: str = "INFO"
     limits: Limits = Limits()
     # NATS server URLs, comma-separated; none means `baton dev`/`serve` start an

@@ -68,6 +68,7 @@ class ServerProcess(ChildProcess):
             "BATON_HANDLER_MODULES": json.dumps(handler_modules or []),
             "BATON_PORT": str(self.port),
             "BATON_LOG_LEVEL": "WARNING",
+            "BATON_AUTH__ENABLED": "false",  # tests of auth turn it on and pass tokens
             **env,
         }
         self.proc: subprocess.Popen | None = None

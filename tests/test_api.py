@@ -32,7 +32,8 @@ async def api(tmp_path, monkeypatch):
     (wf / "greet.yaml").write_text(GREET)
     (wf / "approval.yaml").write_text(APPROVAL)
     settings = Settings(
-        data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], limits={"max_body_bytes": MAX_BODY_BYTES}
+        data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], limits={"max_body_bytes": MAX_BODY_BYTES},
+        auth={"enabled": False},
     )
     async with open_runtime(settings) as runtime:
         async with TestClient(TestServer(build_api(runtime, settings), host="127.0.0.1")) as client:

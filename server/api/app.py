@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.api import errors, routes
+from server.api import auth, errors, routes
 from server.runtime.base import Orchestrator
 from server.settings import Settings
 
@@ -15,7 +15,9 @@ def build_api(orch: Orchestrator, settings: Settings) -> web.Application:
     max_body_bytes = settings.limits.max_body_bytes
     # client_max_size bounds bodies without a Content-Length (chunked); the
     # middleware refuses a declared oversize body before it is read.
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors.middleware(max_body_bytes)])
+    # errors outermost: every failure, auth's included, gets the one JSON shape
+    middlewares = [errors.middleware(max_body_bytes), auth.middleware(settings.auth, routes.role_of)]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[routes.ORCH] = orch
     app[SETTINGS] = settings
     routes.add_routes(app)

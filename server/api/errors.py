@@ -25,11 +25,15 @@ from server.errors import (
     BatonError,
     Conflict,
     ExpressionError,
+    Forbidden,
+    Gone,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     StoreError,
+    Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger("baton.api")
@@ -43,6 +47,10 @@ STATUS: dict[type[BatonError], int] = {
     Conflict: 409,
     BadRequest: 400,
     PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    Unauthorized: 401,
+    Forbidden: 403,
+    Gone: 410,
     StoreError: 503,  # the disk or database; retrying later may work
     Unavailable: 503,  # starting up or shutting down
 }
@@ -102,6 +110,8 @@ def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitabl
             if status == 500:
                 log.error("request %s %s failed [%s]: %s", request.method, request.path, request_id, exc)
             response = error_response(status, exc.code, exc.message, exc.field)
+            if challenge := getattr(exc, "challenge", None):
+                response.headers["WWW-Authenticate"] = challenge
         except web.HTTPException as exc:
             if exc.status < 400:  # a redirect or similar: not an error
                 raise

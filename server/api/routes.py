@@ -14,6 +14,8 @@ import orjson
 from aiohttp import web
 
 from server.api import schemas
+from server.api.auth import caller_name
+from server.api.table import Route
 from server.api.errors import error_response
 from server.errors import BadRequest
 from server.runtime.base import Orchestrator
@@ -36,7 +38,8 @@ def _orch(request: web.Request) -> Orchestrator:
 async def start_run(request: web.Request) -> web.Response:
     body = schemas.parse_body(schemas.StartRun, await request.read())
     run, created = await _orch(request).start_run(
-        request.match_info["name"], body.input, workflow_id=body.workflow_id, version=body.version
+        request.match_info["name"], body.input, workflow_id=body.workflow_id, version=body.version,
+        by=caller_name(request),
     )
     return json_response(run, status=201 if created else 200)
 
@@ -91,18 +94,18 @@ def history_csv(events: list[dict[str, Any]]) -> str:
 async def signal(request: web.Request) -> web.Response:
     body = schemas.parse_body(schemas.SendSignal, await request.read(), optional=True)
     run_id, name = request.match_info["run_id"], request.match_info["name"]
-    await _orch(request).signal(run_id, name, body.data)
+    await _orch(request).signal(run_id, name, body.data, by=caller_name(request))
     return json_response({"run_id": run_id, "signal": name, "delivered": True}, status=202)
 
 
 async def cancel(request: web.Request) -> web.Response:
     body = schemas.parse_body(schemas.CancelRun, await request.read(), optional=True)
-    run = await _orch(request).cancel(request.match_info["run_id"], reason=body.reason)
+    run = await _orch(request).cancel(request.match_info["run_id"], reason=body.reason, by=caller_name(request))
     return json_response(run, status=202)
 
 
 async def retry(request: web.Request) -> web.Response:
-    return json_response(await _orch(request).retry(request.match_info["run_id"]), status=202)
+    return json_response(await _orch(request).retry(request.match_info["run_id"], by=caller_name(request)), status=202)
 
 
 async def wait(request: web.Request) -> web.Response:
@@ -151,24 +154,47 @@ async def readyz(request: web.Request) -> web.Response:
     return error_response(503, "not_ready", f"not ready: {problems}")
 
 
-ROUTES = [
-    ("POST", "/v1/workflows/{name}/runs", start_run),
-    ("GET", "/v1/runs", list_runs),
-    ("GET", "/v1/runs/{run_id}", get_run),
-    ("GET", "/v1/runs/{run_id}/history", history),
-    ("POST", "/v1/runs/{run_id}/signals/{name}", signal),
-    ("POST", "/v1/runs/{run_id}/cancel", cancel),
-    ("POST", "/v1/runs/{run_id}/retry", retry),
-    ("GET", "/v1/runs/{run_id}/wait", wait),
-    ("GET", "/v1/workflows", list_workflows),
-    ("GET", "/v1/workflows/{name}", get_workflow),
-    ("GET", "/v1/dead-letters", list_dead_letters),
-    ("POST", "/v1/dead-letters/{id}/replay", replay_dead_letter),
-    ("GET", "/healthz", healthz),
-    ("GET", "/readyz", readyz),
+ROUTES: list[Route] = [
+    Route("POST", "/v1/workflows/{name}/runs", start_run, "operator", "Start a run", "runs", body=schemas.StartRun),
+    Route("GET", "/v1/runs", list_runs, "viewer", "List runs, newest first", "runs"),
+    Route("GET", "/v1/runs/{run_id}", get_run, "viewer", "Get a run with its steps", "runs"),
+    Route("GET", "/v1/runs/{run_id}/history", history, "viewer", "Get a run's history (JSON or CSV)", "runs"),
+    Route("POST", "/v1/runs/{run_id}/signals/{name}", signal, "operator", "Send a signal to a run", "runs",
+          body=schemas.SendSignal),
+    Route("POST", "/v1/runs/{run_id}/cancel", cancel, "operator", "Cancel a run", "runs", body=schemas.CancelRun),
+    Route("POST", "/v1/runs/{run_id}/retry", retry, "operator", "Retry a failed run from its failed step", "runs"),
+    Route("GET", "/v1/runs/{run_id}/wait", wait, "viewer", "Wait (long poll) until a run finishes", "runs"),
+    Route("GET", "/v1/workflows", list_workflows, "viewer", "List workflows (latest versions)", "workflows"),
+    Route("GET", "/v1/workflows/{name}", get_workflow, "viewer", "Get a workflow", "workflows"),
+    Route("GET", "/v1/dead-letters", list_dead_letters, "viewer", "List events that could not start a run",
+          "dead letters"),
+    Route("POST", "/v1/dead-letters/{id}/replay", replay_dead_letter, "operator",
+          "Run a dead-lettered event through its trigger again", "dead letters"),
+    Route("GET", "/healthz", healthz, None, "Liveness: the process serves", "probes"),
+    Route("GET", "/readyz", readyz, None, "Readiness: runtime, store and NATS", "probes"),
 ]
+
+ROUTE_OF = web.AppKey("route_of", dict)
+
+
+def all_routes() -> list[Route]:
+    """Every endpoint of the API, from every module that serves some (each keeps its own
+    `ROUTES` list of `server.api.table.Route`)."""
+    return list(ROUTES)
 
 
 def add_routes(app: web.Application) -> None:
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+    route_of: dict[Any, Route] = {}
+    for route in all_routes():
+        route_of[app.router.add_route(route.method, route.path, route.handler)] = route
+    app[ROUTE_OF] = route_of
+
+
+def route_of(request: web.Request) -> Route | None:
+    """The table entry of the route that matched, or None (the router's 404/405)."""
+    return request.app[ROUTE_OF].get(request.match_info.route)
+
+
+def role_of(request: web.Request) -> tuple[str | None, str] | None:
+    route = route_of(request)
+    return None if route is None else (route.role, route.summary[0].lower() + route.summary[1:])
