@@ -14,6 +14,7 @@ from aiohttp import web
 
 import handlers
 from handlers import nats as nats_handlers
+from server.bus.approvals import APPROVALS_STREAM, WebhookNotifier
 from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
 from server.bus.outbox import OutboxPublisher
@@ -21,12 +22,14 @@ from server.bus.remote import RemoteTasks
 from server.bus.signals import SignalListener
 from server.definitions.catalog import Catalog
 from server.errors import BusError, DefinitionError
+from server.runtime.approvals import ApprovalLinks, load_secret
 from server.runtime.clock import Clock
 from server.runtime.lifecycle import run_traceparent
 from server.runtime.runner import Runtime
 from server.settings import Settings
 from server.store.sqlite import SQLiteStore
 from server.triggers.events import EventTriggers
+from server.triggers.webhooks import Webhooks
 
 log = logging.getLogger("baton")
 
@@ -106,8 +109,18 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             stack.callback(nats_handlers.use, None)
         stack.push_async_callback(handlers.REGISTRY.aclose)
         runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
+        approvals = settings.approvals
+        secret = approvals.secret.get_secret_value() if approvals.secret is not None else None
+        runtime.approval_links = ApprovalLinks(load_secret(secret, settings.data_dir),
+                                               settings.public_url or settings.url, approvals.link_ttl_s)
+        if approvals.notify_url:  # told after each commit that opened requests: closes after the runtime stops
+            notifier = WebhookNotifier(approvals.notify_url, approvals.notify_timeout_s)
+            stack.push_async_callback(notifier.close)
+            runtime.approval_requested = notifier.notify
         if bus is not None:
             runtime.nats_state = lambda: bus.state
+            await bus.ensure_stream(APPROVALS_STREAM)  # before the outbox publishes rows of a previous run
+            runtime.approval_events = True
             # publishes what the runtime and the triggers commit (lifecycle events, dead letters): stops after them
             outbox = OutboxPublisher(bus, store)
             await outbox.start()
@@ -120,6 +133,8 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             runtime.remote = remote
         stack.push_async_callback(runtime.stop, settings.limits.shutdown_grace_s)
         await runtime.start()
+        # webhooks (POST /hooks/<path>, served by the API) read their secrets now, once
+        runtime.webhooks = Webhooks(runtime, store, dedupe_window_s=settings.nats.dedupe_window_s)
         if bus is not None:  # feeds the runtime: starts after it, stops before it
             triggers = EventTriggers(bus, runtime, store, settings.nats)
             runtime.triggers = triggers

@@ -489,8 +489,15 @@ def retry(
 
 
 @client_command
-def workflows(url: UrlOption = None, as_json: JsonOption = False) -> None:
-    """List the workflows the server has loaded."""
+def workflows(
+    name: Annotated[str | None, typer.Argument(help="Show this workflow's loaded versions instead")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the workflows the server has loaded, or with NAME every loaded version of one."""
+    if name is not None:
+        _workflow_versions(_client(url).workflow_versions(name), as_json)
+        return
     items = _client(url).workflows()
     if as_json:
         _print_json(items)
@@ -501,6 +508,16 @@ def workflows(url: UrlOption = None, as_json: JsonOption = False) -> None:
             wf["name"], str(wf["version"]), str(len(wf.get("steps") or [])),
             (wf.get("def_hash") or "")[:HASH_PREFIX], Text(wf.get("description") or ""),
         )
+    _out().print(table)
+
+
+def _workflow_versions(listing: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table("version", "hash", "latest", "description")
+    for v in listing["versions"]:
+        table.add_row(str(v["version"]), v["def_hash"][:HASH_PREFIX], "yes" if v["latest"] else "", Text(v["description"]))
     _out().print(table)
 
 
@@ -533,3 +550,117 @@ def dlq(
     _out().print(table)
     if next_cursor:
         typer.echo(f"more: baton dlq --cursor {next_cursor}")
+
+
+# --- approvals ------------------------------------------------------------------------
+
+
+@client_command
+def approvals(
+    status: Annotated[str, typer.Option(help="pending, approved, rejected, expired, cancelled or all")] = "pending",
+    limit: Annotated[int, typer.Option(help="How many (1..500)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue a previous listing")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List approval requests, newest first (pending ones by default; links need the approver role)."""
+    items, next_cursor = _client(url).approvals(status=status, limit=limit, cursor=cursor)
+    if as_json:
+        _print_json({"approvals": items, "next_cursor": next_cursor})
+        return
+    table = Table("run", "workflow", "step", "message", "requested", "expires", "status" if status != "pending" else "link")
+    for a in items:
+        last = a["status"] if status != "pending" else (a.get("link") or "(approver role needed)")
+        table.add_row(a["run_id"], f"{a['workflow']}@{a['version']}", Text(a["key"]), Text(a.get("message") or ""),
+                      a.get("requested_at") or "", a.get("expires_at") or a.get("link_expires_at") or "", Text(last))
+    _out().print(table)
+    if next_cursor:
+        typer.echo(f"more: baton approvals --cursor {next_cursor}")
+
+
+@client_command
+def approve(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approve")] = False,
+    comment: Annotated[str | None, typer.Option(help="Why; kept in the run's history")] = None,
+    step: Annotated[str | None, typer.Option(help="The step to decide, when the run waits on several")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Approve (or --reject) the approval RUN_ID is waiting for (approver role)."""
+    result = _client(url).decide(run_id, "reject" if reject else "approve", comment=comment, step=step)
+    if as_json:
+        _print_json(result)
+        return
+    approval, run = result["approval"], result["run"]
+    typer.echo(f"step {approval['key']} of run {run['run_id']} {approval['status']} by {approval['decided_by']};"
+               f" run {run['status']}")
+
+
+# --- audit log and exports ------------------------------------------------------------
+
+SinceOption = Annotated[str | None, typer.Option(help="From this moment on: 2026-01-01, 2026-01-01T08:00:00Z or unix seconds")]
+UntilOption = Annotated[str | None, typer.Option(help="Before this moment (same forms as --since)")]
+
+
+@client_command
+def audit(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    actor: Annotated[str | None, typer.Option(help="Only this actor (a token name, unauthenticated, system)")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action (start_run, cancel, definition.loaded, ...)")] = None,
+    limit: Annotated[int, typer.Option(help="How many entries (1..500)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue a previous listing")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the audit log, newest first: who did what, when, from where, and how it ended (admin role)."""
+    entries, next_cursor = _client(url).audit(since=since, until=until, actor=actor, action=action, limit=limit,
+                                              cursor=cursor)
+    if as_json:
+        _print_json({"entries": entries, "next_cursor": next_cursor})
+        return
+    table = Table("at", "actor", "action", "target", "status", "remote", "detail")
+    for e in entries:
+        detail = e.get("detail") or {}
+        note = detail.get("error") or detail.get("run_id") or ", ".join(detail.get("runs") or []) or ""
+        table.add_row(e["at"], Text(e["actor"]), e["action"], Text(e.get("target") or ""),
+                      "" if e.get("status") is None else str(e["status"]), e.get("remote") or "", Text(note))
+    _out().print(table)
+    if next_cursor:
+        typer.echo(f"more: baton audit --cursor {next_cursor}")
+
+
+EXPORTS = ("runs", "steps")
+EXPORT_FORMATS = ("csv", "jsonl")
+
+
+@client_command
+def export(
+    what: Annotated[str, typer.Argument(help="runs (one row per run) or steps (one row per step attempt)")],
+    since: SinceOption = None,
+    until: UntilOption = None,
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
+    url: UrlOption = None,
+) -> None:
+    """Write runs or step attempts created in [--since, --until) to stdout as CSV or JSON Lines, as they stream in.
+
+    baton export runs --since 2026-01-01 --format csv > runs.csv
+    """
+    if what not in EXPORTS:
+        raise typer.BadParameter(f"expected runs or steps, not {what!r}", param_hint="WHAT")
+    if fmt not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"expected csv or jsonl, not {fmt!r}", param_hint="--format")
+    out = typer.get_binary_stream("stdout")
+    chunks = _client(url).export(what, fmt=fmt, since=since, until=until, workflow=workflow, status=status)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        chunks.close()
+        # Python would report the pipe again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+

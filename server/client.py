@@ -7,17 +7,22 @@ that says what to do about it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import http.client
 import io
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
 # Added to a long poll's own timeout so the socket outlives the server's wait.
 LONG_POLL_MARGIN_S = 10.0
+# An export is read and handed on in pieces of this size, never whole.
+EXPORT_CHUNK_BYTES = 64 * 1024
 
 
 class ClientError(Exception):
@@ -62,11 +67,12 @@ class BatonClient:
 
     def all_history(self, run_id: str, page_size: int = 1000) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
-        while True:
-            page = self.history(run_id, after=events[-1]["seq"] if events else 0, limit=page_size)
-            events += page
-            if len(page) < page_size:
-                return events
+        after: int | None = 0
+        while after is not None:  # the server says where the next page starts, null after the last
+            page = self._get(f"/v1/runs/{_q(run_id)}/history", {"after": after, "limit": page_size})
+            events += page["events"]
+            after = page["next_after"]
+        return events
 
     def history_csv(self, run_id: str, page_size: int = 10_000) -> str:
         """The whole history as the server's CSV export, one header row, page by page."""
@@ -102,6 +108,41 @@ class BatonClient:
     def replay_dead_letter(self, id: int) -> dict[str, Any]:
         return self._call("POST", f"/v1/dead-letters/{int(id)}/replay")[1]
 
+    # --- approvals ----------------------------------------------------------------
+
+    def approvals(self, *, status: str = "pending", limit: int = 20,
+                  cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        page = self._get("/v1/approvals", {"status": status, "limit": limit, "cursor": cursor})
+        return page["approvals"], page.get("next_cursor")
+
+    def decide(self, run_id: str, decision: str, *, comment: str | None = None,
+               step: str | None = None) -> dict[str, Any]:
+        """Approve or reject the run's pending approval: {"approval", "run"}."""
+        body = {"decision": decision, "comment": comment, "step": step}
+        return self._call("POST", f"/v1/runs/{_q(run_id)}/approval", body=body)[1]
+
+    # --- audit log and exports --------------------------------------------------------
+
+    def audit(
+        self, *, since: str | None = None, until: str | None = None, actor: str | None = None,
+        action: str | None = None, limit: int | None = None, cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        query = {"since": since, "until": until, "actor": actor, "action": action, "limit": limit, "cursor": cursor}
+        page = self._get("/v1/audit", query)
+        return page["entries"], page["next_cursor"]
+
+    def export(
+        self, what: str, *, fmt: str = "csv", since: str | None = None, until: str | None = None,
+        workflow: str | None = None, status: str | None = None,
+    ) -> Iterator[bytes]:
+        """The body of `GET /v1/export/<what>` in pieces as they arrive (runs or steps; csv or jsonl).
+        A transfer cut short raises ClientError (code `truncated`) after the pieces that came."""
+        query = {"format": fmt, "since": since, "until": until, "workflow": workflow, "status": status}
+        path = f"/v1/export/{_q(what)}?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        with self._open("GET", path, None, self.timeout_s) as response:
+            while chunk := response.read1(EXPORT_CHUNK_BYTES):
+                yield chunk
+
     # --- workflows and probes -------------------------------------------------------
 
     def workflows(self) -> list[dict[str, Any]]:
@@ -109,6 +150,12 @@ class BatonClient:
 
     def workflow(self, name: str) -> dict[str, Any]:
         return self._get(f"/v1/workflows/{_q(name)}")
+
+    def workflow_versions(self, name: str) -> dict[str, Any]:
+        return self._get(f"/v1/workflows/{_q(name)}/versions")
+
+    def workflow_version(self, name: str, version: str) -> dict[str, Any]:
+        return self._get(f"/v1/workflows/{_q(name)}/versions/{_q(version)}")
 
     def health(self) -> dict[str, Any]:
         return self._get("/healthz")
@@ -129,6 +176,12 @@ class BatonClient:
         return status, orjson.loads(raw) if raw else None
 
     def _send(self, method: str, path: str, data: bytes | None, timeout_s: float) -> tuple[int, bytes]:
+        with self._open(method, path, data, timeout_s) as response:
+            return response.status, response.read()
+
+    @contextlib.contextmanager
+    def _open(self, method: str, path: str, data: bytes | None, timeout_s: float) -> Iterator[http.client.HTTPResponse]:
+        """The response, to read inside the block; failures, reading included, are ClientErrors."""
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -136,7 +189,7 @@ class BatonClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.status, response.read()
+                yield response
         except urllib.error.HTTPError as exc:
             raise _from_http_error(exc) from None
         except urllib.error.URLError as exc:
@@ -149,6 +202,8 @@ class BatonClient:
             raise ClientError(0, "timeout", f"Baton at {self.url} did not answer within {timeout_s:g}s") from None
         except ConnectionError as exc:
             raise ClientError(0, "unreachable", f"lost the connection to Baton at {self.url}: {exc}") from None
+        except http.client.IncompleteRead:  # the server cut the transfer: what came is not all there is
+            raise ClientError(0, "truncated", f"Baton at {self.url} cut the response short; it is incomplete") from None
 
 
 def _from_http_error(exc: urllib.error.HTTPError) -> ClientError:

@@ -92,6 +92,34 @@ class Worker(BaseModel):
     name: str | None = Field(None, min_length=1, max_length=128)
 
 
+class Approvals(BaseModel):
+    """Approval links and notifications (workflow steps with `wait_for_signal.approval`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # signs approval links; default: a random key made once and kept in
+    # <data_dir>/approval.key, so links survive restarts. Changing it voids every link.
+    secret: SecretStr | None = None
+    # how long a link works when its step has no approval timeout (a week: long enough
+    # for a weekend, short enough that a forwarded link does not live forever)
+    link_ttl_s: float = Field(7 * 86400.0, gt=0)
+    # a Slack-compatible incoming webhook: POST {"text": ...} with the link, best effort
+    notify_url: str | None = Field(None, pattern=r"^https?://")
+    notify_timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class Audit(BaseModel):
+    """The audit log and the CSV / JSON Lines exports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Reverse proxies in front of Baton that append the client's address to
+    # X-Forwarded-For. 0: the audit log records the TCP peer and ignores the header,
+    # which any client can forge. N: it records the N-th address from the right, the one
+    # the outermost trusted proxy saw.
+    trusted_proxies: int = Field(0, ge=0, le=10)
+    # runs read from the store per page of an export: memory per export stays at about one page
+    export_page_size: int = Field(500, ge=1, le=10_000)
+
+
 ROLES = ("viewer", "operator", "approver", "admin")
 Role = Literal["viewer", "operator", "approver", "admin"]
 
@@ -141,6 +169,7 @@ class Settings(BaseSettings):
     # where people reach Baton, for links in approval notifications; default `url`
     public_url: str | None = None
     auth: Auth = Auth()
+    audit: Audit = Audit()
     log_level: str = "INFO"
     limits: Limits = Limits()
     # NATS server URLs, comma-separated; none means `baton dev`/`serve` start an
@@ -148,6 +177,7 @@ class Settings(BaseSettings):
     nats_url: str | None = None
     nats: Nats = Nats()
     worker: Worker = Worker()
+    approvals: Approvals = Approvals()
 
     @property
     def db_path(self) -> Path:

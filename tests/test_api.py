@@ -9,15 +9,14 @@ from datetime import datetime, timezone
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 import server.errors as errors_module
-from server.api.app import build_api
 from server.api.errors import STATUS, status_for
 from server.api.schemas import StartRun, dotted, parse_body
-from server.app import open_runtime
 from server.errors import BadRequest, BatonError, InvalidInput
 from server.settings import Settings
+from tests.inproc import api_client
 from tests.sample_workflows import APPROVAL, GREET
 
 MAX_BODY_BYTES = 4096
@@ -35,9 +34,8 @@ async def api(tmp_path, monkeypatch):
         data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], limits={"max_body_bytes": MAX_BODY_BYTES},
         auth={"enabled": False},
     )
-    async with open_runtime(settings) as runtime:
-        async with TestClient(TestServer(build_api(runtime, settings), host="127.0.0.1")) as client:
-            yield client
+    async with api_client(settings) as client:
+        yield client
 
 
 async def call(client: TestClient, method: str, path: str, expect: int, **kwargs) -> dict:

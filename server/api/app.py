@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.api import auth, errors, routes
+from server.api import audit, auth, errors, routes
 from server.runtime.base import Orchestrator
 from server.settings import Settings
 
@@ -15,8 +15,13 @@ def build_api(orch: Orchestrator, settings: Settings) -> web.Application:
     max_body_bytes = settings.limits.max_body_bytes
     # client_max_size bounds bodies without a Content-Length (chunked); the
     # middleware refuses a declared oversize body before it is read.
-    # errors outermost: every failure, auth's included, gets the one JSON shape
-    middlewares = [errors.middleware(max_body_bytes), auth.middleware(settings.auth, routes.role_of)]
+    # audit outermost: it records the final status of every mutating call, refusals included;
+    # then errors: every failure, auth's included, gets the one JSON shape
+    middlewares = [
+        audit.middleware(settings.audit.trusted_proxies),
+        errors.middleware(max_body_bytes),
+        auth.middleware(settings.auth, routes.role_of),
+    ]
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[routes.ORCH] = orch
     app[SETTINGS] = settings

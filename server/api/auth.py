@@ -117,7 +117,10 @@ def middleware(auth: Auth, role_of: Callable[[web.Request], tuple[str | None, st
             except Unauthorized:
                 principal = None
         else:
-            principal = require(authenticator.identify(header), role, what)
+            principal = authenticator.identify(header)
+            if principal is not None:  # known before the role check: the audit log names who was refused
+                request[PRINCIPAL] = principal
+            principal = require(principal, role, what)
         if principal is not None:
             request[PRINCIPAL] = principal
         return await handler(request)

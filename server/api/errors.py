@@ -65,6 +65,9 @@ _HTTP_CODES = {
 }
 
 REQUEST_ID = "X-Request-Id"
+# The id, for handlers that send their headers themselves (a streamed export is sent
+# before this middleware sees it, so it stamps the header on its own)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # Echo only ids that cannot smuggle anything into logs or headers.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -100,6 +103,7 @@ def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitabl
         request_id = request.headers.get(REQUEST_ID, "")
         if not _SAFE_REQUEST_ID.match(request_id):
             request_id = _new_request_id()
+        request[REQUEST_ID_KEY] = request_id
         try:
             # Refuse before reading a byte; client_max_size still guards chunked bodies.
             if request.content_length is not None and request.content_length > max_body_bytes:

@@ -13,15 +13,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from server.api import schemas
+from server.api import schemas, views
 from server.api.auth import caller_name
-from server.api.table import Route
+from server.api.table import Param, Route
 from server.api.errors import error_response
-from server.errors import BadRequest
+from server.errors import BadRequest, NotFound
 from server.runtime.base import Orchestrator
 
 ORCH = web.AppKey("orch", Orchestrator)
 HISTORY_CSV_COLUMNS = ("seq", "at", "type", "key", "data")
+NEXT_AFTER = "X-Next-After"  # the CSV page's next_after (a CSV body has no room for it)
+# SQLite integers are 64-bit: a larger id names nothing (and would overflow the driver)
+MAX_ID = 2**63 - 1
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -71,14 +74,17 @@ async def history(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
     after_seq = schemas.query_int(q, "after", 0, 0, 2**62)
     limit = schemas.query_int(q, "limit", schemas.DEFAULT_HISTORY_LIMIT, 1, schemas.MAX_HISTORY_LIMIT)
-    events = await _orch(request).history(run_id, after_seq=after_seq, limit=limit)
+    # one more than asked tells whether another page follows, so a client stops on
+    # next_after = null instead of asking once more for an empty page
+    events = await _orch(request).history(run_id, after_seq=after_seq, limit=limit + 1)
+    next_after = events[limit - 1]["seq"] if len(events) > limit else None
+    events = events[:limit]
     if fmt == "json":
-        return json_response({"events": events})
-    return web.Response(
-        text=history_csv(events),
-        content_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{run_id}-history.csv"'},
-    )
+        return json_response({"events": events, "next_after": next_after})
+    headers = {"Content-Disposition": f'attachment; filename="{run_id}-history.csv"'}
+    if next_after is not None:
+        headers[NEXT_AFTER] = str(next_after)
+    return web.Response(text=history_csv(events), content_type="text/csv", headers=headers)
 
 
 def history_csv(events: list[dict[str, Any]]) -> str:
@@ -125,8 +131,10 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 async def replay_dead_letter(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # isdigit alone takes "²", which int() refuses
         raise BadRequest(f"dead letter ids are numbers, not {raw!r}", field="id")
+    if int(raw) > MAX_ID:
+        raise NotFound(f"unknown dead letter {raw}", field="id")
     return json_response(await _orch(request).replay_dead_letter(int(raw)), status=201)
 
 
@@ -139,6 +147,15 @@ async def list_workflows(request: web.Request) -> web.Response:
 
 async def get_workflow(request: web.Request) -> web.Response:
     return json_response(_orch(request).workflow(request.match_info["name"]))
+
+
+async def list_workflow_versions(request: web.Request) -> web.Response:
+    return json_response(_orch(request).workflow_versions(request.match_info["name"]))
+
+
+async def get_workflow_version(request: web.Request) -> web.Response:
+    info = request.match_info
+    return json_response(_orch(request).workflow_version(info["name"], info["version"]))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -154,24 +171,75 @@ async def readyz(request: web.Request) -> web.Response:
     return error_response(503, "not_ready", f"not ready: {problems}")
 
 
+# Query parameters, for the OpenAPI document (the handlers parse them with schemas.query_*).
+LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": schemas.MAX_LIST_LIMIT,
+                        "default": schemas.DEFAULT_LIST_LIMIT}, "Page size")
+CURSOR = Param("cursor", {"type": "string"}, "The `next_cursor` of the previous page; omit for the first")
+MOMENT = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}
+RUN_FILTERS = (
+    Param("workflow", {"type": "string"}, "Only runs of this workflow"),
+    Param("status", {"type": "string", "enum": list(schemas.RUN_STATUSES)}, "Only runs in this status"),
+    Param("workflow_id", {"type": "string"}, "Only runs with this business key"),
+    Param("since", MOMENT, "Created at or after: RFC 3339 (`2024-05-01T12:00:00Z`) or unix seconds"),
+    Param("until", MOMENT, "Created before: RFC 3339 or unix seconds"),
+    LIMIT, CURSOR,
+)
+HISTORY_PARAMS = (
+    Param("after", {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
+          "Events after this `seq`: the `next_after` of the previous page"),
+    Param("limit", {"type": "integer", "minimum": 1, "maximum": schemas.MAX_HISTORY_LIMIT,
+                    "default": schemas.DEFAULT_HISTORY_LIMIT}, "Page size"),
+    Param("format", {"type": "string", "enum": ["json", "csv"]},
+          "`csv` for the CSV export (so does `Accept: text/csv`); its next page is in the `X-Next-After` header"),
+)
+WAIT_PARAMS = (
+    Param("timeout", {"type": "number", "minimum": 0, "default": schemas.DEFAULT_WAIT_S},
+          f"Seconds to wait at most (capped at {schemas.MAX_WAIT_S:g}); the run as it is then if still open"),
+)
+DEAD_LETTER_ID = Param("id", {"type": "integer", "minimum": 0}, "The dead letter's id")
+# path parameters: a Param named like a {placeholder} describes it
+RUN_ID = Param("run_id", {"type": "string"}, "The run's id")
+WORKFLOW = Param("name", {"type": "string"}, "The workflow's name")
+SIGNAL = Param("name", {"type": "string"}, "The signal's name, as a `wait_for_signal` step names it")
+VERSION = Param("version", {"type": "string"}, "The version, as the workflow file gives it")
+
 ROUTES: list[Route] = [
-    Route("POST", "/v1/workflows/{name}/runs", start_run, "operator", "Start a run", "runs", body=schemas.StartRun),
-    Route("GET", "/v1/runs", list_runs, "viewer", "List runs, newest first", "runs"),
-    Route("GET", "/v1/runs/{run_id}", get_run, "viewer", "Get a run with its steps", "runs"),
-    Route("GET", "/v1/runs/{run_id}/history", history, "viewer", "Get a run's history (JSON or CSV)", "runs"),
+    Route("POST", "/v1/workflows/{name}/runs", start_run, "operator", "Start a run", "runs", body=schemas.StartRun,
+          responses={201: views.RunSummary, 200: views.RunSummary}, params=(WORKFLOW,)),
+    Route("GET", "/v1/runs", list_runs, "viewer", "List runs, newest first", "runs",
+          responses={200: views.RunPage}, params=RUN_FILTERS),
+    Route("GET", "/v1/runs/{run_id}", get_run, "viewer", "Get a run with its steps", "runs",
+          responses={200: views.RunDetail}, params=(RUN_ID,)),
+    Route("GET", "/v1/runs/{run_id}/history", history, "viewer", "Get a run's history (JSON or CSV)", "runs",
+          responses={200: (views.HistoryPage, "text/csv")}, params=(RUN_ID, *HISTORY_PARAMS)),
     Route("POST", "/v1/runs/{run_id}/signals/{name}", signal, "operator", "Send a signal to a run", "runs",
-          body=schemas.SendSignal),
-    Route("POST", "/v1/runs/{run_id}/cancel", cancel, "operator", "Cancel a run", "runs", body=schemas.CancelRun),
-    Route("POST", "/v1/runs/{run_id}/retry", retry, "operator", "Retry a failed run from its failed step", "runs"),
-    Route("GET", "/v1/runs/{run_id}/wait", wait, "viewer", "Wait (long poll) until a run finishes", "runs"),
-    Route("GET", "/v1/workflows", list_workflows, "viewer", "List workflows (latest versions)", "workflows"),
-    Route("GET", "/v1/workflows/{name}", get_workflow, "viewer", "Get a workflow", "workflows"),
+          body=schemas.SendSignal, body_required=False, responses={202: views.SignalDelivered, 409: None},
+          params=(RUN_ID, SIGNAL)),
+    Route("POST", "/v1/runs/{run_id}/cancel", cancel, "operator", "Cancel a run", "runs", body=schemas.CancelRun,
+          body_required=False, responses={202: views.RunSummary, 409: None}, params=(RUN_ID,)),
+    Route("POST", "/v1/runs/{run_id}/retry", retry, "operator", "Retry a failed run from its failed step", "runs",
+          responses={202: views.RunSummary, 409: None}, params=(RUN_ID,)),
+    Route("GET", "/v1/runs/{run_id}/wait", wait, "viewer", "Wait (long poll) until a run finishes", "runs",
+          responses={200: views.RunSummary}, params=(RUN_ID, *WAIT_PARAMS)),
+    Route("GET", "/v1/workflows", list_workflows, "viewer", "List workflows (latest versions)", "workflows",
+          responses={200: views.WorkflowList}),
+    Route("GET", "/v1/workflows/{name}", get_workflow, "viewer", "Get a workflow", "workflows",
+          responses={200: views.WorkflowView}, params=(WORKFLOW,)),
+    Route("GET", "/v1/workflows/{name}/versions", list_workflow_versions, "viewer",
+          "List a workflow's loaded versions, oldest first", "workflows", responses={200: views.WorkflowVersions},
+          params=(WORKFLOW,)),
+    Route("GET", "/v1/workflows/{name}/versions/{version}", get_workflow_version, "viewer",
+          "Get one version's definition", "workflows", responses={200: views.WorkflowDefinition},
+          params=(WORKFLOW, VERSION)),
     Route("GET", "/v1/dead-letters", list_dead_letters, "viewer", "List events that could not start a run",
-          "dead letters"),
+          "dead letters", responses={200: views.DeadLetterPage}, params=(LIMIT, CURSOR)),
     Route("POST", "/v1/dead-letters/{id}/replay", replay_dead_letter, "operator",
-          "Run a dead-lettered event through its trigger again", "dead letters"),
-    Route("GET", "/healthz", healthz, None, "Liveness: the process serves", "probes"),
-    Route("GET", "/readyz", readyz, None, "Readiness: runtime, store and NATS", "probes"),
+          "Run a dead-lettered event through its trigger again", "dead letters",
+          responses={201: views.Replayed, 400: None, 409: None, 422: None}, params=(DEAD_LETTER_ID,)),
+    Route("GET", "/healthz", healthz, None, "Liveness: the process serves", "probes",
+          responses={200: views.Health}),
+    Route("GET", "/readyz", readyz, None, "Readiness: runtime, store and NATS", "probes",
+          responses={200: views.Ready, 503: None}),
 ]
 
 ROUTE_OF = web.AppKey("route_of", dict)
@@ -180,7 +248,9 @@ ROUTE_OF = web.AppKey("route_of", dict)
 def all_routes() -> list[Route]:
     """Every endpoint of the API, from every module that serves some (each keeps its own
     `ROUTES` list of `server.api.table.Route`)."""
-    return list(ROUTES)
+    from server.api import approvals, audit, export, hooks, openapi  # imported here: feature modules import this one
+
+    return [*ROUTES, *hooks.ROUTES, *openapi.ROUTES, *audit.ROUTES, *export.ROUTES, *approvals.ROUTES]
 
 
 def add_routes(app: web.Application) -> None:

@@ -19,7 +19,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True, slots=True)
 class Param:
-    """A query parameter, for the OpenAPI document (parsing stays in the handler)."""
+    """A query parameter, for the OpenAPI document (parsing stays in the handler).
+
+    A Param whose name is a `{placeholder}` of the route's path describes that path
+    parameter instead (its schema; path parameters are strings otherwise)."""
 
     name: str
     schema: dict[str, Any]
@@ -32,9 +35,14 @@ class Route:
     """One endpoint: what it does, who may call it, and what it takes and gives.
 
     `role` is the role the caller needs (server/api/auth.py); None marks an open
-    route. `body` is the request model; `responses` maps a status to the response
-    model (a media type string for non-JSON bodies, None for an empty or error body).
-    The OpenAPI document is built from this table and nothing else."""
+    route. `body` is the request model, sent as one of `body_media` (JSON unless the
+    route says otherwise); `body_required=False` when an empty body means the model's
+    defaults. `responses` maps a status to the response model (a media type string for
+    non-JSON bodies, None for an empty or error body, a tuple of these when the client
+    may choose, e.g. `(HistoryPage, "text/csv")`, or `(None, "text/html")` for an
+    error that a page for people may answer as HTML). The usual errors (auth, bad
+    body or query, unknown path resource, 503) are added for each route. The OpenAPI
+    document is built from this table and nothing else (server/api/openapi.py)."""
 
     method: str
     path: str
@@ -45,6 +53,8 @@ class Route:
     body: type[BaseModel] | None = None
     responses: Mapping[int, Any] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
+    body_required: bool = True
+    body_media: tuple[str, ...] = ("application/json",)
 
     @property
     def operation_id(self) -> str:

@@ -33,7 +33,7 @@ from ruamel.yaml.reader import ReaderError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from server.definitions.models import Step, Workflow
-from server.definitions.triggers import TriggerError, compile_event_trigger
+from server.definitions.triggers import TriggerError, compile_event_trigger, compile_webhook_trigger
 from server.engine.graph import CompiledWorkflow, GraphError, Loc, compile_workflow
 from server.errors import DefinitionError
 
@@ -76,6 +76,7 @@ def load_paths(
     loaded: list[LoadedWorkflow] = []
     problems: list[str] = []
     first_seen: dict[tuple[str, str], LoadedWorkflow] = {}
+    docs: dict[int, CommentedMap] = {}  # id(loaded workflow) -> its YAML tree, for lines
     for file in _expand(paths, problems):
         try:
             text = file.read_text(encoding="utf-8")
@@ -91,11 +92,13 @@ def load_paths(
         other = first_seen.setdefault(key, wf)
         if other is wf:
             loaded.append(wf)
+            docs[id(wf)] = doc
         elif other.def_hash != wf.def_hash:
             problems.append(_problem(
                 wf.path, _line_of(doc, ("name",)), ("name",),
                 f"workflow {key[0]!r} version {key[1]!r} is also defined, differently, in {other.path}",
             ))
+    problems += _check_webhook_paths(loaded, docs)
     return loaded, problems
 
 
@@ -227,15 +230,51 @@ def _check_input_schema(schema: Any, add: Report) -> None:
 
 
 def _check_triggers(model: Workflow, add: Report) -> None:
-    """Trigger templates and filters must compile (they are rendered outside the engine)."""
+    """Trigger templates and filters must compile (they are rendered outside the engine);
+    one workflow may not serve a webhook path twice."""
+    paths: dict[str, int] = {}
     for i, trigger in enumerate(model.triggers):
-        if trigger.event is None:
-            continue
-        loc = ("triggers", i, "event")
         try:
-            compile_event_trigger(trigger.event)
+            if trigger.event is not None:
+                loc: Loc = ("triggers", i, "event")
+                compile_event_trigger(trigger.event)
+            elif trigger.webhook is not None:
+                loc = ("triggers", i, "webhook")
+                first = paths.setdefault(trigger.webhook.path, i)
+                if first != i:
+                    add((*loc, "path"), f"webhook path {trigger.webhook.path!r} is already served by triggers[{first}]")
+                compile_webhook_trigger(trigger.webhook)
         except TriggerError as exc:
             add((*loc, exc.part), exc.message)
+
+
+def _check_webhook_paths(loaded: list[LoadedWorkflow], docs: dict[int, CommentedMap]) -> list[str]:
+    """Two workflows may not serve one webhook path: each path has one secret and one
+    workflow to start. Only latest versions serve hooks, so older ones may keep theirs."""
+    from server.definitions.catalog import compare_versions  # the catalog imports this module
+
+    latest: dict[str, LoadedWorkflow] = {}
+    for wf in loaded:  # one per name and version: load_paths kept the first file of each
+        have = latest.get(wf.model.name)
+        if have is None or compare_versions(wf.model.version, have.model.version) >= 0:
+            latest[wf.model.name] = wf
+    owner: dict[str, tuple[LoadedWorkflow, int]] = {}
+    problems = []
+    for wf in latest.values():
+        for i, trigger in enumerate(wf.model.triggers):
+            if trigger.webhook is None:
+                continue
+            loc = ("triggers", i, "webhook", "path")
+            first = owner.setdefault(trigger.webhook.path, (wf, i))
+            if first[0] is not wf:
+                other, j = first
+                where = f"{other.path}:{_line_of(docs[id(other)], ('triggers', j, 'webhook', 'path'))}"
+                problems.append(_problem(
+                    wf.path, _line_of(docs[id(wf)], loc), loc,
+                    f"webhook path {trigger.webhook.path!r} is already served by workflow {other.model.name!r} "
+                    f"({where}); each path starts one workflow",
+                ))
+    return problems
 
 
 def _check_handlers(steps: list[Step], loc: Loc, known: Collection[str], add: Report) -> None:

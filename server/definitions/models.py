@@ -18,6 +18,7 @@ A workflow file looks like this (see config/workflows/ for complete examples)::
         task: shipping.ship
     triggers:                              # optional: what starts runs besides the API
       - event: {subject: orders.created, filter: "event.data.total > 0"}
+      - webhook: {path: new-order, secret: {env: SHOP_HOOK_SECRET}, signature: hmac-sha256}
 
 Rules the models enforce (the loader adds the cross-step ones: unique ids, known
 `needs`, no cycles, known handlers, templates that compile):
@@ -113,12 +114,45 @@ class Compensation(_Model):
     timeout: Duration | None = None
 
 
+# Who may decide an approval through the API: a token name or a role name.
+ApproverName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
+
+
+class Approval(_Model):
+    """A person decides: entering the step sends a signed, expiring, single-use link
+    (server/runtime/approvals.py). A plain signal never decides an approval."""
+
+    # a template (sees input, steps, run); default: "Approve step <id> of <workflow>?"
+    message: str | None = None
+    # token or role names that may decide through the API; empty: any approver. The
+    # link itself is a credential: whoever holds it may decide (history says so).
+    approvers: list[ApproverName] = Field(default_factory=list)
+    timeout: Annotated[Duration, Field(gt=0)] | None = None
+    # what the timeout decides: reject/approve as if a person had ("timeout" decided),
+    # fail: the step fails with ApprovalTimeout (the run fails and compensates)
+    on_timeout: Literal["reject", "approve", "fail"] = "reject"
+    # fail: a rejection fails the step (ApprovalRejected; the run fails and compensates);
+    # continue: the step succeeds with output {"decision": "reject", ...}, for `when`s below
+    on_reject: Literal["fail", "continue"] = "fail"
+
+
 class SignalWait(_Model):
-    signal: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    # default: the step's id
+    signal: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     timeout: Duration | None = None
     # fail: the step fails (retry policy does not apply; the run fails and compensates);
     # continue: the step succeeds with output null, so the run goes on.
     on_timeout: Literal["fail", "continue"] = "fail"
+    approval: Approval | None = None
+
+    @model_validator(mode="after")
+    def _approval_has_its_own_timeout(self) -> SignalWait:
+        if self.approval is not None:
+            mixed = sorted({"signal", "timeout", "on_timeout"} & self.model_fields_set)
+            if mixed:
+                raise ValueError(f"{', '.join(mixed)} belong(s) to plain signal waits: an approval is decided "
+                                 "through its link or `baton approve`, and takes approval.timeout / approval.on_timeout")
+        return self
 
 
 class MapSpec(_Model):
@@ -181,6 +215,8 @@ class Step(_Model):
             raise ValueError("input and queue belong to task steps")
         if self.heartbeat is not None and self.queue is None:
             raise ValueError("heartbeat belongs to steps with a queue (remote workers send heartbeats)")
+        if self.wait_for_signal is not None and self.wait_for_signal.approval is not None and self.timeout is not None:
+            raise ValueError("an approval step takes wait_for_signal.approval.timeout, not the step's timeout")
         return self
 
     @property
@@ -236,11 +272,56 @@ class EventTrigger(_Model):
     workflow_id: Template = None
 
 
-TRIGGER_KINDS = ("event",)
+class SecretRef(_Model):
+    """A secret by name: `{env: NAME}` is read from the environment when Baton starts.
+    The secret itself never appears in a workflow file (nor in history or logs)."""
+
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+def _secret_by_name(value: Any) -> Any:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        raise ValueError("a secret is never written in a workflow file: name an environment variable, "
+                         "e.g. `secret: {env: GITHUB_WEBHOOK_SECRET}`")
+    return value
+
+
+# A webhook's path is one URL segment: POST /hooks/<path>.
+HookPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+# Five minutes either way: Stripe's default, room for clock skew and a retry or two.
+DEFAULT_WEBHOOK_TOLERANCE_S = 300.0
+
+
+class WebhookTrigger(_Model):
+    """Start a run for each signed `POST /hooks/<path>` (server/triggers/webhooks.py).
+
+    `signature: github` checks GitHub's `X-Hub-Signature-256`; `hmac-sha256` checks
+    `X-Baton-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` and
+    refuses a `t` more than `tolerance` away from now. The templates see `event`
+    (type "webhook", hook, delivery, data = the JSON body, headers); `input`
+    defaults to the body."""
+
+    path: HookPath
+    secret: Annotated[SecretRef, BeforeValidator(_secret_by_name)]
+    signature: Literal["github", "hmac-sha256"]
+    filter: Expression | None = None
+    input: Template = None
+    workflow_id: Template = None
+    tolerance: Annotated[Duration, Field(gt=0)] = DEFAULT_WEBHOOK_TOLERANCE_S
+
+    @model_validator(mode="after")
+    def _tolerance_needs_a_timestamp(self) -> WebhookTrigger:
+        if self.signature == "github" and "tolerance" in self.model_fields_set:
+            raise ValueError("tolerance belongs to hmac-sha256 signatures (GitHub's carry no timestamp)")
+        return self
+
+
+TRIGGER_KINDS = ("event", "webhook")
 
 
 class Trigger(_Model):
     event: EventTrigger | None = None
+    webhook: WebhookTrigger | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Trigger:

@@ -1,4 +1,4 @@
-"""Event triggers, compiled: subject matching and the trigger's templates.
+"""Triggers, compiled: subject matching and the templates of event and webhook triggers.
 
 Matching follows NATS subject rules: tokens split on `.`, `*` matches exactly one
 token, a final `>` matches one or more.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.definitions.expressions import Expression, Template
-from server.definitions.models import EventTrigger
+from server.definitions.models import EventTrigger, WebhookTrigger
 from server.errors import ExpressionError
 
 
@@ -20,15 +20,13 @@ class TriggerError(Exception):
         self.part, self.message = part, message
 
 
-@dataclass(frozen=True)
-class CompiledEventTrigger:
-    subject: str
+class _Templates:
+    """What event and webhook triggers share: a filter, the input and the workflow_id,
+    all seeing the trigger's `event`."""
+
     filter: Expression | None
     input: Template | None  # None: the run's input is the event's data
     workflow_id: Template | None
-
-    def matches(self, subject: str) -> bool:
-        return subject_matches(self.subject, subject)
 
     def accepts(self, event: dict[str, Any]) -> bool:
         """The filter's verdict; ExpressionError if it cannot be evaluated."""
@@ -44,7 +42,34 @@ class CompiledEventTrigger:
         return None if value is None or value == "" else str(value)
 
 
+@dataclass(frozen=True)
+class CompiledEventTrigger(_Templates):
+    subject: str
+    filter: Expression | None
+    input: Template | None
+    workflow_id: Template | None
+
+    def matches(self, subject: str) -> bool:
+        return subject_matches(self.subject, subject)
+
+
+@dataclass(frozen=True)
+class CompiledWebhookTrigger(_Templates):
+    path: str
+    filter: Expression | None
+    input: Template | None
+    workflow_id: Template | None
+
+
 def compile_event_trigger(trigger: EventTrigger) -> CompiledEventTrigger:
+    return CompiledEventTrigger(trigger.subject, **_compile_templates(trigger))
+
+
+def compile_webhook_trigger(trigger: WebhookTrigger) -> CompiledWebhookTrigger:
+    return CompiledWebhookTrigger(trigger.path, **_compile_templates(trigger))
+
+
+def _compile_templates(trigger: EventTrigger | WebhookTrigger) -> dict[str, Any]:
     parts: dict[str, Any] = {}
     for part, source, kind in (("filter", trigger.filter, Expression), ("input", trigger.input, Template),
                                ("workflow_id", trigger.workflow_id, Template)):
@@ -52,7 +77,7 @@ def compile_event_trigger(trigger: EventTrigger) -> CompiledEventTrigger:
             parts[part] = None if source is None else kind(source)
         except ExpressionError as exc:
             raise TriggerError(part, exc.message) from None
-    return CompiledEventTrigger(trigger.subject, **parts)
+    return parts
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -30,6 +30,17 @@ Rules:
    is armed; each heartbeat moves it; if it passes, the attempt fails with a
    retryable HeartbeatTimeout (the worker is taken for dead) and the retry policy
    applies. Heartbeats are not history: they only move a deadline.
+8. An approval is a signal wait that only a decision (ApprovalDecided) ends, never a
+   plain signal: it is not in `signals`. Each time the step is entered is a new
+   request (the step's attempt counts them, id `<run_id>:<key>:<attempt>`), noted
+   `approval.requested` with the rendered message; the runtime turns that note into
+   a stored request and a signed link. A decision for another attempt, or for a step
+   no longer waiting, is ignored (rule 6), so an old link never decides a new
+   request. Approve: the step succeeds with {"decision", "by", "via", "comment",
+   "at"}. Reject: the step fails, not retried (ApprovalRejected; the run fails and
+   compensates), or with `on_reject: continue` succeeds with decision "reject". The
+   timer `approval:<key>` decides per `on_timeout` as "timeout" would, or fails the
+   step (ApprovalTimeout). A run that halts drops the request (`approval.cancelled`).
 
 The state is mutated in place and returned; callers that need the old value copy it.
 """
@@ -44,8 +55,8 @@ from server.engine.commands import (
     CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, Record, RunFinished, StartChild, StartTimer,
 )
 from server.engine.events import (
-    CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TaskFailed,
-    TaskHeartbeat, TaskStarted, TaskSucceeded, TimerFired,
+    ApprovalDecided, CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start,
+    TaskFailed, TaskHeartbeat, TaskStarted, TaskSucceeded, TimerFired,
 )
 from server.engine.graph import Node
 from server.engine.retry import backoff_s, should_retry
@@ -68,6 +79,17 @@ def decide(state: RunState, event: Event) -> tuple[RunState, list[Command]]:
 
 def new_run(run_id: str, graph: Any) -> RunState:
     return RunState(run_id=run_id, graph=graph)
+
+
+def approval_id(run_id: str, key: str, attempt: int) -> str:
+    """One approval request: a step instance entered for the `attempt`-th time."""
+    return f"{run_id}:{key}:{attempt}"
+
+
+def pending_approvals(state: RunState) -> list[tuple[str, int]]:
+    """(step key, request attempt) of every approval the run is waiting for."""
+    return [(key, st.attempt) for key, st in state.steps.items()
+            if st.status == WAITING and _approval_spec(state.graph.nodes[st.step_id]) is not None]
 
 
 def started_remote_tasks(state: RunState) -> list[str]:
@@ -172,7 +194,7 @@ class _Decider:
         if s.attempt or s.status != QUEUED:
             self.note("start.ignored", None, {"reason": f"run is {s.status}"})
             return
-        s.input, s.event, s.workflow_id = ev.input, ev.event, ev.workflow_id
+        s.input, s.event, s.workflow_id, s.started_by = ev.input, ev.event, ev.workflow_id, ev.by
         if s.created_at is None:  # a run that waited for a concurrency slot keeps its creation time
             s.created_at = ev.at
         self._begin()
@@ -273,6 +295,8 @@ class _Decider:
             self._heartbeat_lost(key, "step" if kind == "heartbeat" else "compensate", int(attempt), ev.jitter)
         elif kind == "signal":
             self._signal_timed_out(rest)
+        elif kind == "approval":
+            self._approval_timed_out(rest)
 
     def on_signal(self, ev: SignalReceived) -> None:
         keys = self.s.signals.pop(ev.name, None)
@@ -282,6 +306,20 @@ class _Decider:
         for key in keys:
             self._cancel_timer(f"signal:{key}")
             self._succeed(key, ev.payload)
+
+    def on_approval(self, ev: ApprovalDecided) -> None:
+        st = self.s.steps.get(ev.key)
+        reason = None
+        if st is None or _approval_spec(self.nodes[st.step_id]) is None:
+            reason = "no approval step with this key"
+        elif st.status != WAITING or st.attempt != ev.attempt:
+            reason = f"request {ev.attempt} is not pending (step is {st.status}, request {st.attempt})"
+        if reason is not None:
+            self.note("approval.ignored", ev.key, {"attempt": ev.attempt, "reason": reason})
+            return
+        self._cancel_timer(f"approval:{ev.key}")
+        by = ev.by or {}
+        self._approval_outcome(ev.key, ev.decision, by.get("name"), by.get("via"), ev.comment)
 
     def on_cancel(self, ev: CancelRequested) -> None:
         if self.s.status in TERMINAL or self.s.status == COMPENSATING:
@@ -371,12 +409,48 @@ class _Decider:
 
     def _start_wait_for_signal(self, key: str, node: Node, st: StepState) -> None:
         spec = node.step.wait_for_signal
+        if spec.approval is not None:
+            self._request_approval(key, node, st)
+            return
+        signal = spec.signal or node.id
         st.status = WAITING
-        self.s.signals.setdefault(spec.signal, []).append(key)
-        self.note("step.waiting", key, {"signal": spec.signal})
+        self.s.signals.setdefault(signal, []).append(key)
+        self.note("step.waiting", key, {"signal": signal})
         timeout = spec.timeout if spec.timeout is not None else node.timeout_s
         if timeout is not None:
             self._start_timer(f"signal:{key}", self.now + timeout)
+
+    def _request_approval(self, key: str, node: Node, st: StepState) -> None:
+        s, spec = self.s, node.step.wait_for_signal.approval
+        try:
+            message = node.approval_message.render(self._ctx(key)) if node.approval_message is not None else None
+        except ExpressionError as exc:
+            self._fail_step(key, ErrorInfo("ExpressionError", f"approval.message: {exc.message}", False))
+            return
+        if message is None:
+            message = f"Approve step {key!r} of {s.workflow}?"
+        elif not isinstance(message, str):  # `{{ x }}` alone keeps x's type
+            message = str(message)
+        st.attempt += 1
+        st.status = WAITING
+        expires_at = self.now + spec.timeout if spec.timeout is not None else None
+        self.note("approval.requested", key, {
+            "id": approval_id(s.run_id, key, st.attempt), "attempt": st.attempt, "message": message,
+            "approvers": list(spec.approvers), "expires_at": expires_at, "on_timeout": spec.on_timeout,
+            "on_reject": spec.on_reject,
+        })
+        if expires_at is not None:
+            self._start_timer(f"approval:{key}", expires_at)
+
+    def _approval_outcome(self, key: str, decision: str, name: str | None, via: str | None, comment: str | None) -> None:
+        output = {"decision": decision, "by": name, "via": via, "comment": comment, "at": _iso(self.now)}
+        spec = _approval_spec(self.nodes[key.rpartition("/")[2]])
+        if decision == "approve" or spec.on_reject == "continue":
+            self._succeed(key, output)
+            return
+        who = name or ("the timeout" if via == "timeout" else "a link holder")
+        why = f": {comment}" if comment else ""
+        self._fail_step(key, ErrorInfo("ApprovalRejected", f"step {key!r} was rejected by {who}{why}", False, output))
 
     def _start_sleep(self, key: str, node: Node, st: StepState) -> None:
         self._sleep_until(key, st, self.now + node.step.sleep)
@@ -581,16 +655,29 @@ class _Decider:
         if st is None or st.status != WAITING:
             return
         spec = self.nodes[st.step_id].step.wait_for_signal
-        waiting = self.s.signals.get(spec.signal, [])
+        signal = spec.signal or st.step_id
+        waiting = self.s.signals.get(signal, [])
         if key in waiting:
             waiting.remove(key)
             if not waiting:
-                del self.s.signals[spec.signal]
+                del self.s.signals[signal]
         if spec.on_timeout == "continue":
-            self.note("step.timed_out", key, {"signal": spec.signal, "on_timeout": "continue"})
+            self.note("step.timed_out", key, {"signal": signal, "on_timeout": "continue"})
             self._succeed(key, None)
         else:
-            self._fail_step(key, ErrorInfo("SignalTimeout", f"no {spec.signal!r} signal before the timeout", False))
+            self._fail_step(key, ErrorInfo("SignalTimeout", f"no {signal!r} signal before the timeout", False))
+
+    def _approval_timed_out(self, key: str) -> None:
+        st = self.s.steps.get(key)
+        if st is None or st.status != WAITING:
+            return
+        spec = _approval_spec(self.nodes[st.step_id])
+        self.note("approval.timed_out", key, {"id": approval_id(self.s.run_id, key, st.attempt),
+                                              "on_timeout": spec.on_timeout})
+        if spec.on_timeout == "fail":
+            self._fail_step(key, ErrorInfo("ApprovalTimeout", f"no decision on step {key!r} before the timeout", False))
+        else:
+            self._approval_outcome(key, spec.on_timeout, "timeout", "timeout", None)
 
     def _fail_step(self, key: str, error: ErrorInfo) -> None:
         s = self.s
@@ -646,6 +733,8 @@ class _Decider:
             for key in keys:
                 self._cancel_step(key)
         s.signals.clear()
+        for key, attempt in pending_approvals(s):
+            self.note("approval.cancelled", key, {"id": approval_id(s.run_id, key, attempt)})
         for key, st in s.steps.items():
             if st.status in (RUNNING, WAITING, RETRYING):
                 self._cancel_step(key)
@@ -725,7 +814,7 @@ class _Decider:
         ctx: dict[str, Any] = {
             "input": s.input, "event": s.event, "steps": _StepsView(s.steps, prefix),
             "run": {"id": s.run_id, "workflow": s.workflow, "version": s.version,
-                    "workflow_id": s.workflow_id, "attempt": s.attempt},
+                    "workflow_id": s.workflow_id, "attempt": s.attempt, "started_by": s.started_by},
         }
         if prefix:  # inside a map iteration: `item` and `index` of the innermost one
             map_key, _, index = prefix[:-1].rpartition("[")
@@ -750,6 +839,15 @@ class _Decider:
 
 def _heartbeat_timer(key: str, phase: str, attempt: int) -> str:
     return f"{'heartbeat' if phase == 'step' else 'cheartbeat'}:{key}:{attempt}"
+
+
+def _approval_spec(node: Node) -> Any:
+    spec = node.step.wait_for_signal
+    return None if spec is None else spec.approval
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _done(st: StepState | None) -> bool:
@@ -783,9 +881,10 @@ _DISPATCH = {
     TaskHeartbeat: _Decider.on_task_heartbeat,
     TimerFired: _Decider.on_timer,
     SignalReceived: _Decider.on_signal,
+    ApprovalDecided: _Decider.on_approval,
     CancelRequested: _Decider.on_cancel,
     ChildFinished: _Decider.on_child_finished,
 }
 
-__all__ = ["decide", "inflight_commands", "new_run", "only_moves_a_heartbeat", "prefix_of", "started_remote_tasks",
-           "RUN_TIMEOUT"]
+__all__ = ["approval_id", "decide", "inflight_commands", "new_run", "only_moves_a_heartbeat", "pending_approvals",
+           "prefix_of", "started_remote_tasks", "RUN_TIMEOUT"]

@@ -94,6 +94,22 @@ class SignalReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalDecided:
+    """A person decided the approval request `attempt` of step `key`. `by` says who, as
+    far as Baton knows: {"name", "via"}, via "token" (an API token: authenticated),
+    "link" (whoever held the link; `name` is what they typed, not verified) or "api"
+    (API authentication was off)."""
+
+    key: str
+    attempt: int
+    decision: str  # approve | reject
+    at: float
+    by: dict[str, Any] | None = None
+    comment: str | None = None
+    type = "approval.decided"
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequested:
     at: float
     reason: str = "cancelled"
@@ -119,11 +135,11 @@ class ChildFinished:
 
 
 Event = (Start | TaskSucceeded | TaskFailed | TaskStarted | TaskHeartbeat | TimerFired | SignalReceived
-         | CancelRequested | RetryRequested | ChildFinished)
+         | ApprovalDecided | CancelRequested | RetryRequested | ChildFinished)
 EVENT_TYPES: dict[str, type] = {
     cls.type: cls
     for cls in (Start, TaskSucceeded, TaskFailed, TaskStarted, TaskHeartbeat, TimerFired, SignalReceived,
-                CancelRequested, RetryRequested, ChildFinished)
+                ApprovalDecided, CancelRequested, RetryRequested, ChildFinished)
 }
 
 

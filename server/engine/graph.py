@@ -55,6 +55,7 @@ class Node:
     compensate_input: Template | None = None
     compensate_retry: RetryPolicy = NO_RETRY
     heartbeat_s: float | None = None  # queue steps: a worker silent this long is taken for dead
+    approval_message: Template | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,10 @@ class _Compiler:
             if step.queue is None:
                 self.handlers.add(step.task)
             kw["input"] = self._template(step.input, (*loc, "input"))
+        elif step.wait_for_signal is not None and step.wait_for_signal.approval is not None:
+            message = step.wait_for_signal.approval.message
+            if message is not None:
+                kw["approval_message"] = self._template(message, (*loc, "wait_for_signal", "approval", "message"))
         elif step.wait_until is not None:
             kw["wait_until"] = self._template(step.wait_until, (*loc, "wait_until"))
         elif step.workflow is not None:

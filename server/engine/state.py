@@ -13,7 +13,7 @@ Step statuses:
     pending ──> running ──> succeeded
        │           ├──> retrying ──> running        (a retry delay is pending)
        │           └──> failed | cancelled
-       ├──> waiting ──> succeeded | failed | cancelled   (signal, sleep, wait_until)
+       ├──> waiting ──> succeeded | failed | cancelled   (signal, approval, sleep, wait_until)
        └──> skipped                                       (`when` was false)
 
 A succeeded step with a compensator additionally moves through
@@ -84,6 +84,7 @@ class RunState:
     graph: CompiledWorkflow
     status: str = QUEUED
     workflow_id: str | None = None
+    started_by: str | None = None  # who started it (the Start event's `by`), e.g. for approval pages
     input: Any = None
     event: Any = None
     attempt: int = 0  # run attempts: 1 at start, +1 per retry of a failed run
@@ -129,7 +130,8 @@ class RunState:
     def to_dict(self) -> dict[str, Any]:
         """Run-level fields (steps are persisted as rows of their own)."""
         return {
-            "status": self.status, "workflow_id": self.workflow_id, "input": self.input, "event": self.event,
+            "status": self.status, "workflow_id": self.workflow_id, "started_by": self.started_by,
+            "input": self.input, "event": self.event,
             "attempt": self.attempt, "created_at": self.created_at, "finished_at": self.finished_at,
             "output": self.output, "error": self.error, "completed": self.completed,
             "remaining": self.remaining, "tasks": self.tasks, "timers": self.timers, "signals": self.signals,

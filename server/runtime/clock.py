@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import datetime, timezone
 from typing import Protocol
 
 
@@ -24,3 +25,10 @@ class SystemClock:
 
     def jitter(self) -> float:
         return self._random.random()
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as RFC 3339 in UTC with milliseconds (`2026-01-01T12:00:00.000Z`): every view's timestamps."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -21,8 +21,7 @@ import logging
 import re
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -36,17 +35,22 @@ from server.definitions.expressions import Template
 from server.engine.commands import (
     CancelChild, CancelTask, CancelTimer, Command, ExecuteTask, Record, RunFinished, StartChild, StartTimer,
 )
-from server.engine.decide import decide, inflight_commands, new_run, started_remote_tasks
+from server.engine.decide import decide, inflight_commands, new_run, pending_approvals, started_remote_tasks
 from server.engine.events import (
-    CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start, TaskFailed,
+    ApprovalDecided, CancelRequested, ChildFinished, ErrorInfo, Event, RetryRequested, SignalReceived, Start,
+    TaskFailed,
     TaskHeartbeat, TimerFired, event_to_dict,
 )
 from server.engine.graph import CompiledWorkflow, compile_workflow
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
 from server.errors import (
-    BadRequest, BatonError, Conflict, ExpressionError, InvalidInput, RunNotFound, Unavailable, WorkflowNotFound,
+    BadRequest, BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, Unavailable,
+    WorkflowNotFound,
 )
-from server.runtime.clock import Clock, SystemClock
+from server.runtime import export
+from server.runtime.audit import SYSTEM, audit_row, list_audit
+from server.runtime.clock import Clock, SystemClock, iso
+from server.runtime.approvals import ApprovalLinks, approval_changes, approval_view, attempt_of, closed_error
 from server.runtime.executor import Executor, RunInfo
 from server.runtime.lifecycle import lifecycle_rows
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
@@ -115,6 +119,12 @@ class Runtime:
         self.outbox_written: Callable[[], None] | None = None
         # triggers: the event-trigger consumer (EventTriggers), which replays dead letters
         self.triggers: Any = None
+        # approvals (runtime/approvals.py): links signs the links (None: requests are stored
+        # without one); approval_events writes baton.approval.* to the outbox (NATS on);
+        # approval_requested is handed the new requests after their commit (a chat webhook)
+        self.approval_links: ApprovalLinks | None = None
+        self.approval_events = False
+        self.approval_requested: Callable[[list[dict[str, Any]]], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -132,11 +142,18 @@ class Runtime:
 
     async def start(self) -> None:
         now = self.clock.now()
+        new = Batch()  # definitions not stored yet, each with its audit entry: one commit, both or neither
         for name in self.catalog.names():
             for loaded in self.catalog.versions(name):
                 self._graphs[loaded.def_hash] = loaded.compiled
+                if await self.store.get_definition(loaded.def_hash) is not None:
+                    continue
                 source = orjson.dumps(loaded.model.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-                await self.store.put_definition(DefinitionRow(loaded.def_hash, loaded.model.name, loaded.model.version, source, now))
+                new.definitions.append(DefinitionRow(loaded.def_hash, loaded.model.name, loaded.model.version, source, now))
+                new.audit.append(audit_row(now, SYSTEM, "definition.loaded", target=f"workflow:{name}", detail={
+                    "version": loaded.model.version, "def_hash": loaded.def_hash, "file": loaded.path}))
+        if new.definitions:
+            await self.store.commit(new)
         self._pump_task = asyncio.create_task(self._pump(), name="baton-pump")
         recovered = await self._recover()
         await self.timers.start()
@@ -206,6 +223,24 @@ class Runtime:
         if loaded is None:
             raise WorkflowNotFound(f"unknown workflow {name!r}", field="name")
         return self._workflow_view(loaded)
+
+    def workflow_versions(self, name: str) -> dict[str, Any]:
+        versions = self.catalog.versions(name)
+        if not versions:
+            raise WorkflowNotFound(f"unknown workflow {name!r}", field="name")
+        return {"name": name, "versions": [_version_view(w, w is versions[-1]) for w in versions]}
+
+    def workflow_version(self, name: str, version: str) -> dict[str, Any]:
+        versions = self.catalog.versions(name)
+        if not versions:
+            raise WorkflowNotFound(f"unknown workflow {name!r}", field="name")
+        # the first match, as _resolve picks for a run started with this version
+        loaded = next((w for w in versions if w.model.version == version), None)
+        if loaded is None:
+            known = ", ".join(w.model.version for w in versions)
+            raise WorkflowNotFound(f"workflow {name!r} has no version {version!r} (loaded: {known})", field="version")
+        definition = loaded.model.model_dump(mode="json", exclude_none=True)
+        return {"name": name, **_version_view(loaded, loaded is self.catalog.latest(name)), "definition": definition}
 
     async def start_run(self, workflow: str, input: Any, *, workflow_id: str | None = None, version: str | None = None,
                         event: Any = None, by: str | None = None, run_id: str | None = None,
@@ -316,7 +351,9 @@ class Runtime:
     async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         before = None
         if cursor is not None:
-            if not cursor.isdigit():
+            # ASCII digits only (isdigit alone takes "²", which int() refuses), and within
+            # SQLite's 64-bit integers: anything else is no cursor we gave out
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
                 raise BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
             before = int(cursor)
         rows = await self.store.list_dead_letters(limit=limit + 1, before_id=before)
@@ -329,6 +366,62 @@ class Runtime:
         if self.triggers is None:
             raise Unavailable("event triggers are not running (NATS is off)")
         return await self.triggers.replay(id)
+
+    # ---------------------------------------------- audit log and exports (runtime/audit.py, runtime/export.py)
+
+    async def audit(self, actor: str, action: str, *, target: str | None = None, remote: str | None = None,
+                    status: int | None = None, request_id: str | None = None,
+                    detail: dict[str, Any] | None = None) -> None:
+        """Append an entry to the audit log; durable on return. Schedules and anything else
+        that changes what Baton does call this too."""
+        row = audit_row(self.clock.now(), actor, action, target=target, remote=remote, status=status,
+                        request_id=request_id, detail=detail)
+        await self.store.commit(Batch(audit=[row]))
+
+    async def list_audit(self, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+        return await list_audit(self.store, **filters)
+
+    def export_runs(self, **filters: Any) -> AsyncIterator[list[dict[str, Any]]]:
+        return export.export_runs(self.store, **filters)
+
+    def export_steps(self, **filters: Any) -> AsyncIterator[list[dict[str, Any]]]:
+        return export.export_steps(self.store, self._graph, **filters)
+
+    # ------------------------------------------------- approvals (runtime/approvals.py)
+
+    async def list_approvals(self, *, status: str | None = "pending", run_id: str | None = None, limit: int = 50,
+                             cursor: str | None = None, links: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+        rows, next_cursor = await self.store.list_approvals(status=status, run_id=run_id, limit=limit, cursor=cursor)
+        return [approval_view(r, self.approval_links, with_link=links) for r in rows], next_cursor
+
+    async def get_approval(self, approval_id: str, *, links: bool = False) -> dict[str, Any]:
+        return approval_view(await self._approval_row(approval_id), self.approval_links, with_link=links)
+
+    async def approval_for_link(self, token: str) -> dict[str, Any]:
+        """The request a link names: 401 if the link is not ours, 410 once it expired."""
+        if self.approval_links is None:
+            raise Unavailable("approval links are not set up on this server")
+        return await self.get_approval(self.approval_links.verify(token, self.clock.now()))
+
+    async def decide_approval(self, approval_id: str, decision: str, *, comment: str | None = None,
+                              by: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Approve or reject a pending request; Conflict once decided, Gone once expired."""
+        self._require_accepting()
+        row = await self._approval_row(approval_id)
+        attempt = attempt_of(row)
+
+        async def check(st: RunState) -> None:  # in the pump: atomic with the decision
+            if (row.key, attempt) not in pending_approvals(st):
+                raise closed_error(await self.store.get_approval(approval_id), approval_id)
+
+        event = ApprovalDecided(row.key, attempt, decision, self.clock.now(), by, comment)
+        return await self._submit(row.run_id, event, check)
+
+    async def _approval_row(self, approval_id: str) -> Any:
+        row = await self.store.get_approval(approval_id)
+        if row is None:
+            raise NotFound(f"unknown approval {approval_id!r}", field="id")
+        return row
 
     # -------------------------------------------------------------- the pump
 
@@ -370,6 +463,7 @@ class Runtime:
         batch = Batch()
         decided: list[tuple[RunState, list[Command], _Item]] = []
         touched: dict[str, RunState] = {}
+        requested: list[dict[str, Any]] = []  # approval requests opened by this batch
         timer_ops: dict[tuple[str, str], float | None] = {}
         for item in items:
             try:
@@ -402,6 +496,7 @@ class Runtime:
             batch.history += history_rows(state, item.event.at, item.event, commands)
             if self.lifecycle:
                 batch.outbox += lifecycle_rows(state, item.event, commands)
+            requested += approval_changes(state, item.event, commands, batch, self.approval_links, self.approval_events)
             if isinstance(item.event, TimerFired):
                 timer_ops[(state.run_id, item.event.timer_id)] = None
             for cmd in commands:
@@ -437,6 +532,8 @@ class Runtime:
         self._store_ok = True
         if batch.outbox and self.outbox_written is not None:
             self.outbox_written()
+        if requested and self.approval_requested is not None:
+            self.approval_requested(requested)
         for state, commands, item in decided:
             self._dispatch(state, commands)
             if item.future is not None:  # most events are handler outcomes that nobody awaits
@@ -663,12 +760,6 @@ def _child_run_id(parent_id: str, key: str, attempt: int) -> str:
     return f"{parent_id}-{re.sub(r'[^A-Za-z0-9_-]', '_', key)[:40]}-{digest}"
 
 
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _summary(state: RunState, updated_at: float) -> dict[str, Any]:
     return {
         "run_id": state.run_id, "workflow": state.workflow, "version": state.version,
@@ -700,8 +791,14 @@ def _detail(row: RunRow, state: RunState) -> dict[str, Any]:
         })
     return {
         **_summary_row(row), "input": state.input, "output": state.output, "error": state.error,
-        "waiting_for": sorted(state.signals), "steps": steps,
+        "waiting_for": sorted(state.signals) + [f"approval:{key}" for key, _ in pending_approvals(state)],
+        "steps": steps,
     }
+
+
+def _version_view(loaded: LoadedWorkflow, latest: bool) -> dict[str, Any]:
+    return {"version": loaded.model.version, "def_hash": loaded.def_hash, "latest": latest,
+            "description": loaded.model.description}
 
 
 def _dead_letter_view(row: DeadLetterRow) -> dict[str, Any]:

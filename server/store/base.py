@@ -25,6 +25,7 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 TERMINAL = ("succeeded", "failed", "compensated", "cancelled")
@@ -110,6 +111,21 @@ class OutboxRow:
 
 
 @dataclass(slots=True)
+class AuditRow:
+    """One entry of the audit log: who did what, when, from where, with what outcome."""
+
+    id: int | None  # assigned by the store, in commit order
+    at: float
+    actor: str  # a token name, "unauthenticated", "hook:<path>", "system", ...
+    action: str  # the API operation (start_run, cancel, ...) or e.g. "definition.loaded"
+    target: str | None  # what it acted on: "run:<id>", "workflow:<name>", ...
+    remote: str | None  # the caller's address
+    status: int | None  # the HTTP status answered; None for actions outside a request
+    request_id: str | None
+    detail: bytes  # JSON object
+
+
+@dataclass(slots=True)
 class Batch:
     """Everything one decision writes; committed in one transaction."""
 
@@ -125,6 +141,45 @@ class Batch:
     events_pruned_before: float | None = None  # delete event rows received before this
     dead_letters: list[DeadLetterRow] = field(default_factory=list)
     dead_letters_replayed: list[tuple[int, float, str]] = field(default_factory=list)  # (id, at, run_id)
+    audit: list[AuditRow] = field(default_factory=list)  # appended; the store assigns ids
+    # a def_hash already stored is left as it is; with `audit`, a new definition and its
+    # audit entry are written together
+    definitions: list[DefinitionRow] = field(default_factory=list)
+    approvals: list[ApprovalRow] = field(default_factory=list)  # an existing id is left as it is
+    approvals_closed: list[ApprovalClosed] = field(default_factory=list)  # after `approvals`, in order
+
+
+@dataclass(slots=True)
+class ApprovalRow:
+    """A request for a person's decision, written when the step starts waiting."""
+
+    id: str  # <run_id>:<step key>:<attempt>
+    run_id: str
+    key: str
+    step_id: str
+    status: str  # pending | approved | rejected | expired | cancelled
+    requested_at: float
+    expires_at: float | None
+    decided_at: float | None = None
+    decided_by: str | None = None
+    decided_via: str | None = None  # token | link | api | timeout
+    comment: str | None = None
+    data: bytes = b"{}"  # JSON object: workflow, version, message, approvers, started_by, ...
+
+
+@dataclass(slots=True)
+class ApprovalClosed:
+    """A pending request left pending: decided, timed out or cancelled with its run."""
+
+    id: str
+    status: str  # approved | rejected | expired | cancelled
+    decided_at: float
+    decided_by: str | None = None
+    decided_via: str | None = None
+    comment: str | None = None
+
+
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
 
 
 @dataclass(slots=True)
@@ -203,6 +258,48 @@ class Store(Protocol):
 
     async def outbox_pending(self, limit: int) -> list[OutboxRow]:
         """The oldest rows not yet published, by id."""
+
+    async def list_audit(
+        self,
+        *,
+        limit: int = 50,
+        before_id: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+    ) -> list[AuditRow]:
+        """Newest first (by id), `since <= at < until`; `before_id` pages backwards."""
+
+    def iter_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[list[RunRow]]:
+        """Every matching run, OLDEST first by (created_at, run_id), `since <= created_at < until`,
+        in pages of at most `page_size` read one at a time (keyset), so memory stays at one
+        page whatever the table holds. Each page reads the store as it is at that moment."""
+
+    def iter_history(self, run_ids: list[str], *, types: tuple[str, ...] | None = None,
+                     page_size: int = 5000) -> AsyncIterator[list[HistoryRow]]:
+        """The history rows of these runs (only `types`, if given), by (run_id, seq), in pages."""
+
+    async def steps_of(self, run_ids: list[str]) -> list[StepRow]:
+        """The steps of these runs, by run_id, then in the order they were first written."""
+
+    async def first_history(self, run_ids: list[str], type_: str) -> dict[str, HistoryRow]:
+        """Per run, its first history row of this type (runs without one are left out)."""
+
+    async def get_approval(self, id: str) -> ApprovalRow | None: ...
+
+    async def list_approvals(self, *, status: str | None = None, run_id: str | None = None, limit: int = 50,
+                             cursor: str | None = None) -> tuple[list[ApprovalRow], str | None]:
+        """Newest first by (requested_at, id); a page and the next page's cursor (None on
+        the last). A cursor this store did not issue raises BadRequest."""
 
     async def integrity_check(self) -> str:
         """"ok" when the database is healthy, else the problems found."""

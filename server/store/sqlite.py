@@ -38,7 +38,7 @@ import binascii
 import importlib.resources
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +53,8 @@ from server.errors import BadRequest, BatonError, Conflict, StoreError
 from server.store.base import (
     RESUMABLE,
     TERMINAL,
+    ApprovalRow,
+    AuditRow,
     Batch,
     DeadLetterRow,
     DefinitionRow,
@@ -90,6 +92,11 @@ _DEFINITION_COLUMNS = "def_hash, name, version, source, created_at"
 _EVENT_COLUMNS = "event_key, subject, received_at, outcome, runs"
 _DEAD_LETTER_COLUMNS = "id, at, subject, event_key, workflow, error, headers, data, replayed_at, replay_run"
 _OUTBOX_COLUMNS = "id, subject, msg_id, headers, data"
+_APPROVAL_COLUMNS = (
+    "id, run_id, key, step_id, status, requested_at, expires_at, decided_at, decided_by, decided_via, comment, data"
+)
+_APPROVAL_CLOSED_COLUMNS = "status, decided_at, decided_by, decided_via, comment, id"
+_AUDIT_COLUMNS = "id, at, actor, action, target, remote, status, request_id, detail"
 
 # The identity columns (workflow, version, def_hash, workflow_id, created_at) are
 # written once: leaving them out of the UPDATE spares four index rewrites per
@@ -123,6 +130,16 @@ _INSERT_DEAD_LETTER = f"INSERT INTO dead_letters ({_DEAD_LETTER_COLUMNS}) VALUES
 _REPLAYED_DEAD_LETTER = "UPDATE dead_letters SET replayed_at = ?, replay_run = ? WHERE id = ?"
 _INSERT_OUTBOX = f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
 _DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ?"
+_INSERT_APPROVAL = (
+    f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+# Only a pending request closes: a decision can never overwrite another one.
+_CLOSE_APPROVAL = (
+    "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, decided_via = ?, comment = ?"
+    " WHERE id = ? AND status = 'pending'"
+)
+_INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def _getter(columns: str) -> Callable[[Any], tuple]:
@@ -137,6 +154,9 @@ _definition_params = _getter(_DEFINITION_COLUMNS)
 _event_params = _getter(_EVENT_COLUMNS)
 _dead_letter_params = _getter(_DEAD_LETTER_COLUMNS)
 _outbox_params = _getter(_OUTBOX_COLUMNS)
+_approval_params = _getter(_APPROVAL_COLUMNS)
+_approval_closed_params = _getter(_APPROVAL_CLOSED_COLUMNS)
+_audit_params = _getter(_AUDIT_COLUMNS)
 
 
 # -- error mapping -------------------------------------------------------------
@@ -208,6 +228,9 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
     events_pruned: list[tuple] = []
     dead_letters: list[tuple] = []
     replayed: list[tuple] = []
+    approvals: list[tuple] = []
+    approvals_closed: list[tuple] = []
+    audit: list[tuple] = []
     for item in items:
         if isinstance(item, DefinitionRow):
             definitions.append(_definition_params(item))
@@ -231,6 +254,10 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
             events_pruned.append((item.events_pruned_before,))
         dead_letters.extend(map(_dead_letter_params, item.dead_letters))
         replayed.extend((at, run_id, id_) for id_, at, run_id in item.dead_letters_replayed)
+        approvals.extend(map(_approval_params, item.approvals))
+        approvals_closed.extend(map(_approval_closed_params, item.approvals_closed))
+        audit.extend(map(_audit_params, item.audit))
+        definitions.extend(map(_definition_params, item.definitions))
     statements = [
         (_DELETE_STEP, list(steps_deleted)),
         (_DELETE_TIMER, list(timers_deleted)),
@@ -245,6 +272,9 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         (_INSERT_EVENT, events),
         (_INSERT_DEAD_LETTER, dead_letters),
         (_REPLAYED_DEAD_LETTER, replayed),
+        (_INSERT_APPROVAL, approvals),
+        (_CLOSE_APPROVAL, approvals_closed),
+        (_INSERT_AUDIT, audit),
     ]
     return [(sql, params) for sql, params in statements if params]
 
@@ -644,8 +674,136 @@ class SQLiteStore:
         sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?"
         return [OutboxRow(*row) for row in await self._fetch(sql, (limit,))]
 
+    async def list_audit(
+        self,
+        *,
+        limit: int = 50,
+        before_id: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+    ) -> list[AuditRow]:
+        if limit < 1:
+            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
+        where, params = _where(
+            ("id < ?", before_id), ("at >= ?", since), ("at < ?", until), ("actor = ?", actor), ("action = ?", action)
+        )
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?"
+        return [AuditRow(*row) for row in await self._fetch(sql, [*params, limit])]
+
+    async def iter_runs(
+        self,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[list[RunRow]]:
+        if page_size < 1:
+            raise BadRequest(f"page size must be at least 1, not {page_size}", field="page_size")
+        terms = [("workflow = ?", workflow), ("status = ?", status), ("created_at >= ?", since),
+                 ("created_at < ?", until)]
+        after: tuple[float, str] | None = None
+        while True:
+            where, params = _where(*terms)
+            if after is not None:  # keyset: the page starts just past the last row of the previous one
+                where += f"{' AND' if where else ' WHERE'} (created_at, run_id) > (?, ?)"
+                params += after
+            sql = f"SELECT {_RUN_COLUMNS} FROM runs{where} ORDER BY created_at, run_id LIMIT ?"
+            page = [RunRow(*row) for row in await self._fetch(sql, [*params, page_size])]
+            if page:
+                yield page
+            if len(page) < page_size:
+                return
+            after = (page[-1].created_at, page[-1].run_id)
+
+    async def iter_history(self, run_ids: list[str], *, types: tuple[str, ...] | None = None,
+                           page_size: int = 5000) -> AsyncIterator[list[HistoryRow]]:
+        if page_size < 1:
+            raise BadRequest(f"page size must be at least 1, not {page_size}", field="page_size")
+        # sorted: the pages walk (run_id, seq) upwards, so each run's chunk of ids is done
+        # before the next starts; the primary key (run_id, seq) serves every page
+        unique = sorted(set(run_ids))
+        types = tuple(types or ())
+        only = f" AND type IN ({', '.join('?' * len(types))})" if types else ""
+        per_chunk = max(1, MAX_PARAMS - 3 - len(types))
+        for start in range(0, len(unique), per_chunk):
+            chunk = unique[start : start + per_chunk]
+            after: tuple[str, int] = ("", 0)
+            while True:
+                sql = (
+                    f"SELECT {_HISTORY_COLUMNS} FROM history WHERE run_id IN ({', '.join('?' * len(chunk))}){only}"
+                    " AND (run_id, seq) > (?, ?) ORDER BY run_id, seq LIMIT ?"
+                )
+                page = [HistoryRow(*row) for row in await self._fetch(sql, [*chunk, *types, *after, page_size])]
+                if page:
+                    yield page
+                if len(page) < page_size:
+                    break
+                after = (page[-1].run_id, page[-1].seq)
+
+    async def steps_of(self, run_ids: list[str]) -> list[StepRow]:
+        unique = list(dict.fromkeys(run_ids))
+        rows: list[StepRow] = []
+        for start in range(0, len(unique), MAX_PARAMS):
+            chunk = unique[start : start + MAX_PARAMS]
+            sql = f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id IN ({', '.join('?' * len(chunk))}) ORDER BY run_id, rowid"
+            rows += [StepRow(*row) for row in await self._fetch(sql, chunk)]
+        return rows
+
+    async def first_history(self, run_ids: list[str], type_: str) -> dict[str, HistoryRow]:
+        unique = list(dict.fromkeys(run_ids))
+        found: dict[str, HistoryRow] = {}
+        for start in range(0, len(unique), MAX_PARAMS - 1):
+            chunk = unique[start : start + MAX_PARAMS - 1]
+            # per run, a walk of its primary key from seq 1 that stops at the first match
+            sql = (
+                f"SELECT {_HISTORY_COLUMNS} FROM history h WHERE h.run_id IN ({', '.join('?' * len(chunk))})"
+                " AND h.seq = (SELECT seq FROM history WHERE run_id = h.run_id AND type = ? ORDER BY seq LIMIT 1)"
+            )
+            for row in await self._fetch(sql, [*chunk, type_]):
+                found[row[0]] = HistoryRow(*row)
+        return found
+
+    async def get_approval(self, id: str) -> ApprovalRow | None:
+        rows = await self._fetch(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (id,))
+        return ApprovalRow(*rows[0]) if rows else None
+
+    async def list_approvals(self, *, status: str | None = None, run_id: str | None = None, limit: int = 50,
+                             cursor: str | None = None) -> tuple[list[ApprovalRow], str | None]:
+        if limit < 1:
+            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
+        where, params = [], []
+        for term, value in (("status = ?", status), ("run_id = ?", run_id)):
+            if value is not None:
+                where.append(term)
+                params.append(value)
+        if cursor is not None:
+            where.append("(requested_at, id) < (?, ?)")
+            params.extend(decode_cursor(cursor))
+        sql = (
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY requested_at DESC, id DESC LIMIT ?"
+        )
+        rows = [ApprovalRow(*row) for row in await self._fetch(sql, [*params, limit + 1])]
+        if len(rows) <= limit:
+            return rows, None
+        del rows[limit:]
+        return rows, encode_cursor(rows[-1].requested_at, rows[-1].id)
+
     async def integrity_check(self) -> str:
         return "\n".join(str(message) for (message,) in await self._fetch("PRAGMA integrity_check"))
+
+
+def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """` WHERE a AND b` over the terms whose value is not None, and their parameters."""
+    used = [(term, value) for term, value in terms if value is not None]
+    if not used:
+        return "", []
+    return " WHERE " + " AND ".join(term for term, _ in used), [value for _, value in used]
 
 
 # -- list cursors --------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""The real runtime and API in the test's own event loop, served on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from server.api.app import build_api
+from server.api.routes import ORCH
+from server.app import open_runtime
+from server.runtime.clock import Clock
+from server.settings import Settings
+
+
+def runtime_of(client: TestClient):
+    """The runtime behind an `api_client`."""
+    return client.server.app[ORCH]
+
+
+@asynccontextmanager
+async def api_client(settings: Settings, clock: Clock | None = None) -> AsyncIterator[TestClient]:
+    async with open_runtime(settings, clock) as runtime:
+        async with TestClient(TestServer(build_api(runtime, settings), host="127.0.0.1")) as client:
+            yield client
