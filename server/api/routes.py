@@ -267,4 +267,4 @@ def route_of(request: web.Request) -> Route | None:
 
 def role_of(request: web.Request) -> tuple[str | None, str] | None:
     route = route_of(request)
-    return None if route is None else (route.role, route.summary[0].lower() + route.summary[1:])
+    return None if route is None else (route.role, f"{route.method} {route.path}")
