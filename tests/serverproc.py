@@ -77,17 +77,24 @@ class ServerProcess(ChildProcess):
     def start(self, timeout_s: float = 20.0) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.request("GET", "/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server not healthy within {timeout_s}s:\n{self.log.read_text()[-3000:]}")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                try:
+                    if self.request("GET", "/healthz")[0] == 200:
+                        return
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            raise TimeoutError(f"server not healthy within {timeout_s}s:\n{self.log.read_text()[-3000:]}")
+        except BaseException:
+            # never leave a half-started server behind (its embedded nats-server dies with it: PDEATHSIG)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            raise
 
     def request(self, method: str, path: str, body: Any = None, timeout_s: float = 10.0) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()

@@ -227,6 +227,8 @@ async def test_steps_export_has_one_row_per_attempt(api):
         if (await call(api, "GET", f"/v1/runs/{gate['run_id']}"))["waiting_for"]:
             break
         await call(api, "GET", f"/v1/runs/{gate['run_id']}/wait?timeout=0.02")
+    else:
+        raise AssertionError(f"run {gate['run_id']} never reached its approval gate")
     await call(api, "POST", f"/v1/runs/{napping['run_id']}/cancel", 202, json={})
     await finished(api, napping)
     assert flaky["status"] == "succeeded" and stuck["status"] == "failed"

@@ -105,9 +105,9 @@ def test_every_route_is_documented_once_with_its_role():
         assert documented == placeholders
         if route.role is not None:
             assert {"401", "403"} <= set(op["responses"])
-    assert doc["components"]["securitySchemes"]["bearerAuth"] == {
-        "type": "http", "scheme": "bearer", "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"],
-    }
+    scheme = dict(doc["components"]["securitySchemes"]["bearerAuth"])
+    assert isinstance(scheme.pop("description", None), str)
+    assert scheme == {"type": "http", "scheme": "bearer"}
     assert {t["name"] for t in doc["tags"]} == {r.tag for r in routes}
 
 
@@ -241,6 +241,8 @@ async def test_real_responses_match_their_schemas(api):
         if "approve" in (await call(api, "GET", path, 200, "/v1/runs/{run_id}"))["waiting_for"]:
             break
         await call(api, "GET", f"{path}/wait?timeout=0.02", 200, "/v1/runs/{run_id}/wait")
+    else:
+        raise AssertionError(f"run {gated['run_id']} never waited for the approve signal")
     await call(api, "POST", f"{path}/signals/nope", 409, "/v1/runs/{run_id}/signals/{name}")
     await call(api, "POST", f"{path}/signals/approve", 202, "/v1/runs/{run_id}/signals/{name}", json={"data": 1})
     await call(api, "GET", f"{path}/wait?timeout=10", 200, "/v1/runs/{run_id}/wait")
@@ -307,7 +309,7 @@ async def test_history_pages_end_with_next_after_null(api):
     assert "X-Next-After" not in response.headers
 
 
-@pytest.mark.parametrize("raw, status", [("²", 400), ("x1", 400), ("99999999999999999999", 404)])
+@pytest.mark.parametrize("raw, status", [("²", 400), ("x1", 400), ("99999999999999999999", 400)])
 async def test_dead_letter_ids_that_are_not_ids(api, raw, status):
     await call(api, "POST", f"/v1/dead-letters/{raw}/replay", status, "/v1/dead-letters/{id}/replay")
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -78,7 +80,7 @@ steps:
 PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "acme/shop"}, "after": "abc123"}
 
 
-async def serve(tmp_path, monkeypatch, auth=None):
+def webhook_settings(tmp_path, monkeypatch, auth=None):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TEST_GH_SECRET", GH_SECRET)
     monkeypatch.setenv("TEST_SHOP_SECRET", SHOP_SECRET)
@@ -94,7 +96,7 @@ async def serve(tmp_path, monkeypatch, auth=None):
 
 @pytest.fixture
 async def api(tmp_path, monkeypatch):
-    settings = await serve(tmp_path, monkeypatch)
+    settings = webhook_settings(tmp_path, monkeypatch)
     async with api_client(settings) as client:
         yield client
 
@@ -347,14 +349,14 @@ async def test_secrets_and_signatures_stay_out_of_history_and_the_store(api, tmp
     for secret in (GH_SECRET, headers["X-Hub-Signature-256"][7:], "bt_should-not-be-kept", "s3cr3t"):
         assert secret not in history
     stored = b"".join(p.read_bytes() for p in (tmp_path / "data").iterdir() if p.is_file())
-    for secret in (GH_SECRET, headers["X-Hub-Signature-256"][7:], "s3cr3t"):
+    for secret in (GH_SECRET, headers["X-Hub-Signature-256"][7:], "bt_should-not-be-kept", "s3cr3t"):
         assert secret.encode() not in stored
 
 
 async def test_hooks_need_no_bearer_token_when_auth_is_on(tmp_path, monkeypatch):
     token = new_token()
     auth = {"enabled": True, "tokens": [{"name": "ops", "sha256": hash_token(token), "roles": ["admin"]}]}
-    settings = await serve(tmp_path, monkeypatch, auth=auth)
+    settings = webhook_settings(tmp_path, monkeypatch, auth=auth)
     async with api_client(settings) as client:
         body = orjson.dumps(PUSH)
         answer = await post(client, "/hooks/github-push", body, github_headers(body), 202)
@@ -476,9 +478,15 @@ async def test_the_readme_curl_call_starts_a_run(api):
     script = readme_curl().replace("http://127.0.0.1:8080", str(api.make_url("")).rstrip("/"))
     env = {"PATH": "/usr/bin:/bin", "SHOP_HOOK_SECRET": SHOP_SECRET}
     for _ in range(2):  # the second call is a redelivery
+        # its own process group, so a kill reaches curl as well as bash
         proc = await asyncio.create_subprocess_exec("bash", "-c", script, env=env, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+                                                    stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+        finally:
+            if proc.returncode is None:  # timed out (or cancelled): no curl left running after the test
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
         assert proc.returncode == 0, err.decode()
         status_line, *_, body = out.decode().strip().splitlines()
         assert " 202 " in status_line, out.decode()

@@ -24,16 +24,16 @@ from typing import Any, Literal
 
 import jinja2
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from server.api import schemas
+from server.api.audit import note
 from server.api.auth import PRINCIPAL, Principal, caller
 from server.api.errors import status_for
-from server.api.routes import ORCH, json_response
+from server.api.routes import CURSOR, LIMIT, json_response, _orch
 from server.api.table import Param, Route
 from server.api.views import RunSummary, Timestamp
 from server.errors import BadRequest, BatonError, Conflict, Forbidden, InvalidInput, UnsupportedMediaType
-from server.runtime.base import Orchestrator
 from server.store.base import APPROVAL_STATUSES
 
 MAX_COMMENT_CHARS = 2000
@@ -57,18 +57,14 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 # --- request and response models ------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LinkDecision(_Body):
+class LinkDecision(schemas._Body):
     decision: Literal["approve", "reject"]
     comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
     name: str | None = Field(None, max_length=MAX_NAME_CHARS,
                              description="Who you are, as you like to be named in history (not verified)")
 
 
-class RunDecision(_Body):
+class RunDecision(schemas._Body):
     decision: Literal["approve", "reject"]
     comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
     step: str | None = Field(None, description="The step (id or key) to decide, when the run waits on several")
@@ -107,10 +103,6 @@ class Decided(BaseModel):
     run: RunSummary
 
 
-def _orch(request: web.Request) -> Orchestrator:
-    return request.app[ORCH]
-
-
 # --- the list and the approver's route ------------------------------------------------------
 
 
@@ -144,6 +136,7 @@ async def decide_run_approval(request: web.Request) -> web.Response:
         keys = ", ".join(a["key"] for a in pending)
         raise BadRequest(f"run {run_id} waits for {len(pending)} approvals ({keys}): name one with `step`", field="step")
     approval = pending[0]
+    note(request, approval=approval["id"], run_id=run_id)  # refused or not, the entry names what was asked
     principal = caller(request)
     _check_approvers(principal, approval)
     by = {"name": principal.name, "via": "token" if principal.authenticated else "api"}
@@ -180,6 +173,7 @@ async def decide_by_link(request: web.Request) -> web.StreamResponse:
     try:
         orch = _orch(request)
         approval = await orch.approval_for_link(request.match_info["token"])  # the credential, before the content
+        note(request, approval=approval["id"], run_id=approval["run_id"])
         body = await _link_decision(request, form)
         by = _link_holder(request, body.name)
         run = await orch.decide_approval(approval["id"], body.decision, comment=body.comment, by=by)
@@ -241,9 +235,6 @@ TOKEN = Param("token", {"type": "string"}, "The signed token of an approval link
 STATUS = Param("status", {"type": "string", "enum": [*APPROVAL_STATUSES, "all"], "default": "pending"},
                "Only approvals in this status")
 RUN = Param("run_id", {"type": "string"}, "Only approvals of this run")
-LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": schemas.MAX_LIST_LIMIT,
-                        "default": schemas.DEFAULT_LIST_LIMIT}, "Page size")
-CURSOR = Param("cursor", {"type": "string"}, "The `next_cursor` of the previous page; omit for the first")
 
 # the link's errors are pages for a browser (a form post, or a GET without Accept: application/json)
 PAGE_ERROR = (None, "text/html")

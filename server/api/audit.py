@@ -19,7 +19,7 @@ is not GET, HEAD or OPTIONS (reads are not audited: they change nothing):
                 what the handler added with `note(request, ...)` (an approval's id, say)
 
 Never recorded: bodies and query strings (inputs, signal data and links may carry
-secrets), and path parameters that are credentials (SECRET_PARAMS).
+secrets), and path parameters that are credentials (errors.SECRET_PARAMS).
 
 Order (server/api/app.py): this middleware is the outermost, so it sees the final
 status of every response, auth's refusals and the error middleware's included.
@@ -39,8 +39,8 @@ from pydantic import BaseModel, Field
 
 from server.api import schemas
 from server.api.auth import caller_name
-from server.api.errors import REQUEST_ID, REQUEST_ID_KEY
-from server.api.routes import ORCH, json_response, route_of
+from server.api.errors import REDACTED, REQUEST_ID, REQUEST_ID_KEY, SECRET_PARAMS, loggable_path
+from server.api.routes import CURSOR, LIMIT, MOMENT, ORCH, json_response, route_of
 from server.api.table import Param, Route
 from server.api.views import Timestamp
 
@@ -48,9 +48,6 @@ log = logging.getLogger("baton.audit")
 
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
 UNAUTHENTICATED = "unauthenticated"
-# Path parameters that are credentials (an approval link's token): never written down.
-SECRET_PARAMS = frozenset({"token", "signature", "secret"})
-REDACTED = "[redacted]"
 # Error messages are for people; a long one is cut so one entry stays small.
 MAX_MESSAGE_CHARS = 500
 # Responses read for the run ids they name; anything bigger is not a small JSON view.
@@ -102,7 +99,7 @@ async def _record(request: web.Request, route: Route, response: web.StreamRespon
                   trusted_proxies: int) -> None:
     params = dict(request.match_info)
     target, named = _target(route.path, params)
-    detail: dict[str, Any] = {"method": request.method, "path": _path(request, params), **named}
+    detail: dict[str, Any] = {"method": request.method, "path": loggable_path(request), **named}
     peer = request.remote
     remote = client_address(request, trusted_proxies)
     if remote != peer:
@@ -123,7 +120,7 @@ async def _record(request: web.Request, route: Route, response: web.StreamRespon
         # The call has acted already (its transition is committed): answering with an
         # error now would invite a retry that acts twice. So the client gets its answer
         # and the operator gets this line, with everything the entry would have held.
-        log.exception("audit entry not written: %s %s by %s -> %s [%s]", request.method, request.path,
+        log.exception("audit entry not written: %s %s by %s -> %s [%s]", request.method, loggable_path(request),
                       caller_name(request) or UNAUTHENTICATED, status, request_id)
 
 
@@ -144,14 +141,6 @@ def _target(path: str, params: dict[str, str]) -> tuple[str | None, dict[str, st
         else:
             named[what] = value
     return target, named
-
-
-def _path(request: web.Request, params: dict[str, str]) -> str:
-    path = request.path
-    for name, value in params.items():
-        if name in SECRET_PARAMS and value:
-            path = path.replace(value, REDACTED)
-    return path
 
 
 def _outcome(response: web.StreamResponse, target: str | None) -> dict[str, Any]:
@@ -236,18 +225,15 @@ async def list_audit(request: web.Request) -> web.Response:
     return json_response({"entries": entries, "next_cursor": next_cursor})
 
 
-_MOMENT = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}
 
 ROUTES: list[Route] = [
     Route("GET", "/v1/audit", list_audit, "admin", "List the audit log, newest first", "audit",
           responses={200: AuditPage},
           params=(
-              Param("since", _MOMENT, "Entries at or after: RFC 3339 (`2026-01-01T00:00:00Z`) or unix seconds"),
-              Param("until", _MOMENT, "Entries before: RFC 3339 or unix seconds"),
+              Param("since", MOMENT, "Entries at or after: RFC 3339 (`2026-01-01T00:00:00Z`) or unix seconds"),
+              Param("until", MOMENT, "Entries before: RFC 3339 or unix seconds"),
               Param("actor", {"type": "string"}, "Only this actor (a token name, `unauthenticated`, `system`, ...)"),
               Param("action", {"type": "string"}, "Only this action (`start_run`, `definition.loaded`, ...)"),
-              Param("limit", {"type": "integer", "minimum": 1, "maximum": schemas.MAX_LIST_LIMIT,
-                              "default": schemas.DEFAULT_LIST_LIMIT}, "Page size"),
-              Param("cursor", {"type": "string"}, "The `next_cursor` of the previous page; omit for the first"),
+              LIMIT, CURSOR,
           )),
 ]

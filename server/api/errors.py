@@ -72,6 +72,19 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Path parameters that are credentials (an approval link's token): never logged or
+# written to the audit log.
+SECRET_PARAMS = frozenset({"token", "signature", "secret"})
+REDACTED = "[redacted]"
+
+
+def loggable_path(request: web.Request) -> str:
+    """The request's path with the values of SECRET_PARAMS replaced: safe for a log line."""
+    path = request.path
+    for name, value in request.match_info.items():
+        if name in SECRET_PARAMS and value:
+            path = path.replace(value, REDACTED)
+    return path
 
 
 def status_for(exc: BatonError) -> int:
@@ -112,7 +125,7 @@ def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitabl
         except BatonError as exc:
             status = status_for(exc)
             if status == 500:
-                log.error("request %s %s failed [%s]: %s", request.method, request.path, request_id, exc)
+                log.error("request %s %s failed [%s]: %s", request.method, loggable_path(request), request_id, exc)
             response = error_response(status, exc.code, exc.message, exc.field)
             if challenge := getattr(exc, "challenge", None):
                 response.headers["WWW-Authenticate"] = challenge
@@ -121,7 +134,7 @@ def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitabl
                 raise
             response = _from_http_exception(request, exc, max_body_bytes)
         except Exception:
-            log.exception("request %s %s failed [%s]", request.method, request.path, request_id)
+            log.exception("request %s %s failed [%s]", request.method, loggable_path(request), request_id)
             response = error_response(500, "internal", f"internal server error (request id {request_id})")
         response.headers[REQUEST_ID] = request_id
         return response

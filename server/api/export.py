@@ -26,7 +26,7 @@ from aiohttp import web
 from server.api import schemas
 from server.api.app import SETTINGS
 from server.api.errors import REQUEST_ID, REQUEST_ID_KEY
-from server.api.routes import ORCH
+from server.api.routes import MOMENT, ORCH
 from server.api.table import Param, Route
 from server.errors import BadRequest
 from server.runtime.export import RUN_COLUMNS, STEP_COLUMNS
@@ -115,14 +115,13 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(row) + b"\n" for row in rows)
 
 
-_MOMENT = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}
 EXPORT_PARAMS = (
     Param("format", {"type": "string", "enum": list(FORMATS), "default": "csv"},
           "`csv` (RFC 4180, a header row) or `jsonl` (one JSON object a line); without it, "
           f"`Accept: {JSONL}` chooses jsonl"),
-    Param("since", _MOMENT, "Runs created at or after: RFC 3339 (`2026-01-01` or `2026-01-01T00:00:00Z`) "
+    Param("since", MOMENT, "Runs created at or after: RFC 3339 (`2026-01-01` or `2026-01-01T00:00:00Z`) "
                             "or unix seconds"),
-    Param("until", _MOMENT, "Runs created before: RFC 3339 or unix seconds"),
+    Param("until", MOMENT, "Runs created before: RFC 3339 or unix seconds"),
     Param("workflow", {"type": "string"}, "Only runs of this workflow"),
     Param("status", {"type": "string", "enum": list(schemas.RUN_STATUSES)}, "Only runs in this status"),
 )

@@ -52,9 +52,8 @@ class HookAccepted(BaseModel):
 
 
 def _webhooks(request: web.Request) -> Webhooks:
-    # Set by the wiring (server/app.py) beside the runtime; an orchestrator without
-    # one serves no hooks.
-    webhooks = getattr(request.app[ORCH], "webhooks", None)
+    # Set by the wiring (server/app.py) once the runtime has started; None serves no hooks.
+    webhooks = request.app[ORCH].webhooks
     if webhooks is None:
         raise NotFound("no webhooks are configured", field="path")
     return webhooks

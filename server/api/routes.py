@@ -17,14 +17,13 @@ from server.api import schemas, views
 from server.api.auth import caller_name
 from server.api.table import Param, Route
 from server.api.errors import error_response
-from server.errors import BadRequest, NotFound
+from server.errors import BadRequest
 from server.runtime.base import Orchestrator
+from server.store.base import MAX_ID, parse_id
 
 ORCH = web.AppKey("orch", Orchestrator)
 HISTORY_CSV_COLUMNS = ("seq", "at", "type", "key", "data")
 NEXT_AFTER = "X-Next-After"  # the CSV page's next_after (a CSV body has no room for it)
-# SQLite integers are 64-bit: a larger id names nothing (and would overflow the driver)
-MAX_ID = 2**63 - 1
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -130,12 +129,8 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 
 async def replay_dead_letter(request: web.Request) -> web.Response:
-    raw = request.match_info["id"]
-    if not (raw.isascii() and raw.isdigit()):  # isdigit alone takes "²", which int() refuses
-        raise BadRequest(f"dead letter ids are numbers, not {raw!r}", field="id")
-    if int(raw) > MAX_ID:
-        raise NotFound(f"unknown dead letter {raw}", field="id")
-    return json_response(await _orch(request).replay_dead_letter(int(raw)), status=201)
+    dead_letter_id = parse_id(request.match_info["id"], "id")
+    return json_response(await _orch(request).replay_dead_letter(dead_letter_id), status=201)
 
 
 # --- workflows and probes ---------------------------------------------------------
@@ -196,7 +191,7 @@ WAIT_PARAMS = (
     Param("timeout", {"type": "number", "minimum": 0, "default": schemas.DEFAULT_WAIT_S},
           f"Seconds to wait at most (capped at {schemas.MAX_WAIT_S:g}); the run as it is then if still open"),
 )
-DEAD_LETTER_ID = Param("id", {"type": "integer", "minimum": 0}, "The dead letter's id")
+DEAD_LETTER_ID = Param("id", {"type": "integer", "minimum": 0, "maximum": MAX_ID}, "The dead letter's id")
 # path parameters: a Param named like a {placeholder} describes it
 RUN_ID = Param("run_id", {"type": "string"}, "The run's id")
 WORKFLOW = Param("name", {"type": "string"}, "The workflow's name")

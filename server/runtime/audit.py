@@ -21,9 +21,8 @@ from typing import Any
 
 import orjson
 
-from server.errors import BadRequest
 from server.runtime.clock import iso
-from server.store.base import AuditRow, Store
+from server.store.base import AuditRow, Store, parse_id
 
 SYSTEM = "system"  # the actor of what Baton does by itself (loading definitions, schedules)
 
@@ -45,11 +44,7 @@ async def list_audit(store: Store, *, limit: int = 50, cursor: str | None = None
                      action: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """A page of entries, newest first, and the cursor of the next (None on the last page).
     The cursor is the id the next page starts below: ids are never reused, so it stays valid."""
-    before = None
-    if cursor is not None:
-        if not cursor.isdigit():
-            raise BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
-        before = int(cursor)
+    before = None if cursor is None else parse_id(cursor, "cursor")
     rows = await store.list_audit(limit=limit + 1, before_id=before, since=since, until=until, actor=actor,
                                   action=action)
     more = len(rows) > limit

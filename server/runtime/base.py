@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 
 class Orchestrator(Protocol):
+    webhooks: Any  # the webhook receiver (server/triggers/webhooks.py), None when none is configured
+
     @property
     def ready(self) -> bool: ...
 

@@ -44,7 +44,7 @@ from server.engine.events import (
 from server.engine.graph import CompiledWorkflow, compile_workflow
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
 from server.errors import (
-    BadRequest, BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, Unavailable,
+    BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, Unavailable,
     WorkflowNotFound,
 )
 from server.runtime import export
@@ -56,7 +56,7 @@ from server.runtime.lifecycle import lifecycle_rows
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
 from server.runtime.timers import Timers
 from server.settings import Limits
-from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, Store, TimerRow
+from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, Store, TimerRow, parse_id
 
 log = logging.getLogger("baton.runtime")
 
@@ -73,6 +73,11 @@ class _Item:
 
 
 _STOP = object()
+
+
+class _NotPending(Conflict):
+    """Raised in the pump when an approval is no longer pending; decide_approval turns it
+    into the detailed 409/410 after reading the approval's row."""
 
 
 class _Admit:
@@ -119,6 +124,8 @@ class Runtime:
         self.outbox_written: Callable[[], None] | None = None
         # triggers: the event-trigger consumer (EventTriggers), which replays dead letters
         self.triggers: Any = None
+        # webhooks: the receiver of POST /hooks/<path> (triggers/webhooks.py); None serves no hooks
+        self.webhooks: Any = None
         # approvals (runtime/approvals.py): links signs the links (None: requests are stored
         # without one); approval_events writes baton.approval.* to the outbox (NATS on);
         # approval_requested is handed the new requests after their commit (a chat webhook)
@@ -143,11 +150,13 @@ class Runtime:
     async def start(self) -> None:
         now = self.clock.now()
         new = Batch()  # definitions not stored yet, each with its audit entry: one commit, both or neither
+        known = {row.def_hash for row in await self.store.list_definitions()}  # one read, not one per version
         for name in self.catalog.names():
             for loaded in self.catalog.versions(name):
                 self._graphs[loaded.def_hash] = loaded.compiled
-                if await self.store.get_definition(loaded.def_hash) is not None:
+                if loaded.def_hash in known:
                     continue
+                known.add(loaded.def_hash)
                 source = orjson.dumps(loaded.model.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
                 new.definitions.append(DefinitionRow(loaded.def_hash, loaded.model.name, loaded.model.version, source, now))
                 new.audit.append(audit_row(now, SYSTEM, "definition.loaded", target=f"workflow:{name}", detail={
@@ -349,13 +358,7 @@ class Runtime:
                     del self._waiters[run_id]
 
     async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        before = None
-        if cursor is not None:
-            # ASCII digits only (isdigit alone takes "²", which int() refuses), and within
-            # SQLite's 64-bit integers: anything else is no cursor we gave out
-            if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
-                raise BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
-            before = int(cursor)
+        before = None if cursor is None else parse_id(cursor, "cursor")
         rows = await self.store.list_dead_letters(limit=limit + 1, before_id=before)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -412,10 +415,14 @@ class Runtime:
 
         async def check(st: RunState) -> None:  # in the pump: atomic with the decision
             if (row.key, attempt) not in pending_approvals(st):
-                raise closed_error(await self.store.get_approval(approval_id), approval_id)
+                raise _NotPending(f"approval {approval_id} is not pending")  # no store read while every run waits
 
         event = ApprovalDecided(row.key, attempt, decision, self.clock.now(), by, comment)
-        return await self._submit(row.run_id, event, check)
+        try:
+            return await self._submit(row.run_id, event, check)
+        except _NotPending:
+            # why not (decided, expired, cancelled): read outside the pump
+            raise closed_error(await self.store.get_approval(approval_id), approval_id) from None
 
     async def _approval_row(self, approval_id: str) -> Any:
         row = await self.store.get_approval(approval_id)

@@ -28,10 +28,23 @@ from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from server.errors import BadRequest
+
 TERMINAL = ("succeeded", "failed", "compensated", "cancelled")
 # Open runs that recovery resumes even with nothing in flight: a queued run has
 # not started yet, a compensating run still has undo steps to schedule.
 RESUMABLE = ("queued", "compensating")
+# Row ids (audit entries, dead letters) are SQLite integers: signed 64-bit.
+MAX_ID = 2**63 - 1
+
+
+def parse_id(text: str, field: str) -> int:
+    """A row id (or a cursor that is one) from a caller: ASCII digits only (`isdigit`
+    alone takes "²", which int() refuses) within MAX_ID (a larger one would overflow
+    the driver); anything else is no id Baton gave out: BadRequest naming `field`."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
+        raise BadRequest(f"invalid {field} {text!r}: expected a number Baton gave out", field=field)
+    return int(text)
 
 
 @dataclass(slots=True)
