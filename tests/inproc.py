@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -24,3 +25,11 @@ async def api_client(settings: Settings, clock: Clock | None = None) -> AsyncIte
     async with open_runtime(settings, clock) as runtime:
         async with TestClient(TestServer(build_api(runtime, settings), host="127.0.0.1")) as client:
             yield client
+
+
+async def call(client: TestClient, method: str, path: str, expect: int = 200, **kwargs: Any) -> Any:
+    """One request; the status must be `expect`. Returns the JSON body."""
+    response = await client.request(method, path, **kwargs)
+    body = await response.json()
+    assert response.status == expect, body
+    return body

@@ -9,14 +9,13 @@ from datetime import datetime, timezone
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 
 import server.errors as errors_module
 from server.api.errors import STATUS, status_for
 from server.api.schemas import StartRun, dotted, parse_body
 from server.errors import BadRequest, BatonError, InvalidInput
 from server.settings import Settings
-from tests.inproc import api_client
+from tests.inproc import api_client, call
 from tests.sample_workflows import APPROVAL, GREET
 
 MAX_BODY_BYTES = 4096
@@ -36,13 +35,6 @@ async def api(tmp_path, monkeypatch):
     )
     async with api_client(settings) as client:
         yield client
-
-
-async def call(client: TestClient, method: str, path: str, expect: int, **kwargs) -> dict:
-    response = await client.request(method, path, **kwargs)
-    body = await response.json()
-    assert response.status == expect, body
-    return body
 
 
 async def start(client, workflow="greet", input={"name": "ada"}, expect=201, **extra) -> dict:  # noqa: B006

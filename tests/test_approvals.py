@@ -27,7 +27,7 @@ from server.cli import app as cli_app
 from server.runtime.approvals import ApprovalLinks
 from server.runtime.clock import SystemClock
 from server.settings import Settings
-from tests.inproc import api_client, runtime_of
+from tests.inproc import api_client, call, runtime_of
 from tests.serverproc import ServerProcess
 
 PUBLIC_URL = "https://baton.example.test"
@@ -117,13 +117,6 @@ def settings(tmp_path, monkeypatch) -> Settings:
 async def api(settings) -> AsyncIterator[TestClient]:
     async with serving(settings) as (client, _):
         yield client
-
-
-async def call(client: TestClient, method: str, path: str, expect: int, **kwargs: Any) -> Any:
-    response = await client.request(method, path, **kwargs)
-    body = await response.json()
-    assert response.status == expect, body
-    return body
 
 
 async def start(client: TestClient, workflow: str = "release", input: Any = None, **kwargs: Any) -> str:  # noqa: A002

@@ -25,7 +25,7 @@ from server.runtime.export import RUN_COLUMNS, STEP_COLUMNS
 from server.settings import Settings
 from server.store.base import Batch, RunRow
 from server.store.sqlite import SQLiteStore
-from tests.inproc import api_client
+from tests.inproc import api_client, call
 from tests.sample_workflows import APPROVAL, GREET
 from tests.serverproc import REPO, ServerProcess
 
@@ -105,13 +105,6 @@ async def api(tmp_path, monkeypatch, clock):
                         limits={"shutdown_grace_s": 0.2})
     async with api_client(settings, clock) as client:
         yield client
-
-
-async def call(client, method: str, path: str, expect: int = 200, **kwargs):
-    response = await client.request(method, path, **kwargs)
-    body = await response.json()
-    assert response.status == expect, body
-    return body
 
 
 async def start(client, workflow: str, input=None, **extra) -> dict:

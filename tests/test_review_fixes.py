@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 
 from server.api.errors import loggable_path
 from server.settings import Settings
-from tests.inproc import api_client
+from tests.inproc import api_client, call
 
 BOUND_S = 10.0  # every wait below is for a condition, bounded by this
 PUBLIC_URL = "https://baton.example.test"
@@ -40,13 +40,6 @@ async def api(tmp_path, monkeypatch) -> AsyncIterator[TestClient]:
                         auth={"enabled": False}, nats={"enabled": False})
     async with api_client(settings) as client:
         yield client
-
-
-async def call(client: TestClient, method: str, path: str, expect: int, **kwargs: Any) -> Any:
-    response = await client.request(method, path, **kwargs)
-    body = await response.json()
-    assert response.status == expect, body
-    return body
 
 
 @pytest.mark.parametrize("raw", NOT_IDS)

@@ -134,16 +134,21 @@ def test_a_worker_in_another_process_runs_the_step_and_reports_its_output_and_er
         server.stop()
 
 
-STUCK = """
+def remote_render(task: str) -> str:
+    """One remote step on queue gpu with a 1 s heartbeat and quick retries."""
+    return f"""
 name: remote
 steps:
   - id: render
-    task: remote.stuck_first
+    task: {task}
     queue: gpu
     heartbeat: 1s
-    retry: {max_attempts: 3, initial_delay: 100ms, jitter: 0}
-    input: {log: "{{ input.log }}", release: "{{ input.release }}"}
+    retry: {{max_attempts: 3, initial_delay: 100ms, jitter: 0}}
+    input: {{log: "{{{{ input.log }}}}", release: "{{{{ input.release }}}}"}}
 """
+
+
+STUCK = remote_render("remote.stuck_first")
 
 
 def test_a_killed_worker_is_noticed_by_its_heartbeats_and_its_late_result_is_ignored(tmp_path, nats_server):
@@ -200,16 +205,7 @@ def stream_messages(nats_url: str, stream: str) -> int:
     return asyncio.run(go())
 
 
-PATIENT = """
-name: remote
-steps:
-  - id: render
-    task: remote.until_released
-    queue: gpu
-    heartbeat: 1s
-    retry: {max_attempts: 3, initial_delay: 100ms, jitter: 0}
-    input: {log: "{{ input.log }}", release: "{{ input.release }}"}
-"""
+PATIENT = remote_render("remote.until_released")
 
 
 def test_results_wait_in_nats_while_baton_is_down_and_a_restart_does_not_fail_started_attempts(tmp_path, nats_server):
