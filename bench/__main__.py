@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import chain3, events, harness, latency
+from bench import chain3, events, harness, latency, timers
 
 WORKLOADS = {
     "chain3": (chain3, "throughput of 3-step no-op runs, many in flight"),
     "latency": (latency, "3-step no-op runs one at a time"),
     "events": (events, "throughput of 3-step no-op runs started by JetStream events"),
+    "timers": (timers, "many runs asleep on durable timers at once: how late they fire, memory"),
 }
 
 
@@ -25,13 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (module, help_text) in WORKLOADS.items():
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     args = parser.parse_args(argv)
-    for option in ("runs", "concurrency", "events", "window"):
+    for option in ("runs", "concurrency", "events", "window", "count"):
         if getattr(args, option, 1) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
     if getattr(args, "rate", 0.0) < 0:
         parser.error("--rate must not be negative")
+    if getattr(args, "max_sleep", timers.MIN_SLEEP_S) < timers.MIN_SLEEP_S:
+        parser.error(f"--max-sleep must be at least {timers.MIN_SLEEP_S:g}")
+    if (getattr(args, "lead", None) or 0.0) < 0:
+        parser.error("--lead must not be negative")
     return args
 
 

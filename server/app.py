@@ -29,6 +29,7 @@ from server.runtime.runner import Runtime
 from server.settings import Settings
 from server.store.sqlite import SQLiteStore
 from server.triggers.events import EventTriggers
+from server.triggers.scheduler import Scheduler, compile_schedules
 from server.triggers.webhooks import Webhooks
 
 log = logging.getLogger("baton")
@@ -98,6 +99,7 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
     queues, the lifecycle outbox) is ready before recovery dispatches anything.
     """
     catalog = load_catalog(settings)
+    schedules = compile_schedules(catalog, settings)  # unknown calendars fail here, before anything starts
     settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         store = SQLiteStore(settings.db_path, synchronous=settings.sqlite_sync)
@@ -135,6 +137,11 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
         await runtime.start()
         # webhooks (POST /hooks/<path>, served by the API) read their secrets now, once
         runtime.webhooks = Webhooks(runtime, store, dedupe_window_s=settings.nats.dedupe_window_s)
+        # cron and interval triggers feed the runtime: start after it, stop before it
+        scheduler = Scheduler(runtime, store, schedules, settings, runtime.clock)
+        await scheduler.start()
+        stack.push_async_callback(scheduler.stop)
+        runtime.scheduler = scheduler
         if bus is not None:  # feeds the runtime: starts after it, stops before it
             triggers = EventTriggers(bus, runtime, store, settings.nats)
             runtime.triggers = triggers
@@ -178,4 +185,8 @@ async def serve(settings: Settings, *, dev: bool = False) -> None:
 
 def run_server(settings: Settings, *, dev: bool = False) -> None:
     configure_logging(settings)
-    asyncio.run(serve(settings, dev=dev))
+    try:
+        asyncio.run(serve(settings, dev=dev))
+    except DefinitionError as exc:  # a workflow file or a schedule the config cannot serve: say which, not a traceback
+        print("error: cannot start: the workflows have problems:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        raise SystemExit(1) from None

@@ -82,8 +82,8 @@ def _client(url: str | None) -> BatonClient:
     return BatonClient(url or settings.url, token=token)
 
 
-def client_command(fn: F) -> F:
-    """Register a command that talks to the server; its ClientErrors become `error: ...`, exit 1."""
+def _reporting(fn: F) -> F:
+    """The command with its ClientErrors turned into `error: <message> (field: ...)`, exit 1."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -93,7 +93,12 @@ def client_command(fn: F) -> F:
             field = f" (field: {exc.field})" if exc.field else ""
             raise _fail(f"{exc.message}{field}") from None
 
-    app.command()(run)
+    return run  # type: ignore[return-value]
+
+
+def client_command(fn: F) -> F:
+    """Register a command that talks to the server; its ClientErrors become `error: ...`, exit 1."""
+    app.command()(_reporting(fn))
     return fn
 
 
@@ -212,6 +217,9 @@ def validate(
     except ImportError as exc:
         raise _fail(str(exc)) from None
     loaded, problems = load_paths(paths or settings.workflows, known_handlers=set(handlers.REGISTRY.names()))
+    # the files that loaded are checked against the config's calendars too, so one pass shows everything
+    schedules, schedule_problems = _compile_schedules(loaded, settings)
+    problems += schedule_problems
     if problems:
         for line in problems:
             typer.echo(line, err=True)
@@ -220,7 +228,43 @@ def validate(
     for wf in loaded:
         table.add_row(wf.model.name, wf.model.version, str(len(wf.model.steps)), wf.def_hash[:HASH_PREFIX], wf.path)
     _out().print(table)
-    typer.echo(f"{len(loaded)} workflow(s) OK")
+    if schedules:
+        _out().print(_schedule_preview(schedules))
+    typer.echo(f"{len(loaded)} workflow(s) OK" + (f", {len(schedules)} schedule(s) OK" if schedules else ""))
+
+
+def _compile_schedules(loaded: list[Any], settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """The schedules of these workflows as the server would compile them: unknown calendars,
+    duplicate schedule names and bad templates are problems naming the file and trigger."""
+    from server.definitions.catalog import Catalog
+    from server.errors import DefinitionError
+    from server.triggers.scheduler import compile_schedules
+
+    catalog = Catalog()
+    for wf in loaded:
+        catalog.add(wf)
+    try:
+        return compile_schedules(catalog, settings), []
+    except DefinitionError as exc:
+        return {}, list(exc.problems)
+
+
+def _schedule_preview(schedules: dict[str, Any]) -> Table:
+    """Each schedule's next fire from now, by this machine's clock: what the server would do."""
+    from datetime import datetime
+
+    from server.runtime.clock import iso
+    from server.triggers.schedules import describe
+
+    now = time.time()
+    table = Table("schedule", "workflow", "when", "next fire (local)", "next fire (UTC)")
+    for name, schedule in sorted(schedules.items()):
+        fire = schedule.next_after(now)
+        local = "-" if fire is None else datetime.fromtimestamp(fire, schedule.tz).isoformat()
+        skip = None if fire is None else schedule.blocked(fire)
+        table.add_row(Text(name), Text(schedule.workflow), Text(describe(schedule)),
+                      Text(local + (f" (skipped: {skip})" if skip else "")), iso(fire) or "ended")
+    return table
 
 
 @app.command()
@@ -595,6 +639,228 @@ def approve(
     approval, run = result["approval"], result["run"]
     typer.echo(f"step {approval['key']} of run {run['run_id']} {approval['status']} by {approval['decided_by']};"
                f" run {run['status']}")
+
+
+# --- schedules and calendars ----------------------------------------------------------
+
+schedules_app = typer.Typer(
+    help="Cron and interval triggers: list them with their next fires, pause, resume, fire now.",
+    invoke_without_command=True,
+)
+app.add_typer(schedules_app, name="schedules")
+# `baton schedules show` lists this many of the latest fire records
+SHOW_FIRES = 10
+
+
+def schedule_command(name: str) -> Callable[[F], F]:
+    """Register `baton schedules NAME`; like client_command, its ClientErrors become `error: ...`, exit 1."""
+
+    def register(fn: F) -> F:
+        schedules_app.command(name)(_reporting(fn))
+        return fn
+
+    return register
+
+
+@schedules_app.callback()
+def schedules_default(
+    ctx: typer.Context,
+    # no envvar here: these only serve the bare `baton schedules`, and must not swallow a subcommand's
+    url: Annotated[str | None, typer.Option("--url", help="Baton server URL (default: settings `url`)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List schedules (same as `baton schedules list`)."""
+    if ctx.invoked_subcommand is None:
+        _reporting(schedules_list)(url=url, as_json=as_json)
+    elif url is not None or as_json:
+        raise typer.BadParameter(f"give them after the subcommand: baton schedules {ctx.invoked_subcommand} ... --json",
+                                 param_hint="--url/--json")
+
+
+@schedule_command("list")
+def schedules_list(url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """List schedules: when they fire, the next fire (own zone and UTC), the last fire and its outcome."""
+    items = _client(url).schedules()
+    if as_json:
+        _print_json({"schedules": items})
+        return
+    table = Table("schedule", "workflow", "when", "next fire (local)", "next fire (UTC)", "last fire", "paused")
+    for s in items:
+        nxt = s["next_fires"][0] if s["next_fires"] else None
+        table.add_row(
+            Text(s["name"]), Text(s["workflow"]), Text(_when(s)),
+            Text(_fire_local(nxt)) if nxt else "-", nxt["at"] if nxt else "ended",
+            Text(_last_fire(s)), Text(_paused(s)),
+        )
+    _out().print(table)
+    if not items:
+        typer.echo("no schedules: add a `cron:` or `every:` trigger to a workflow")
+
+
+def _when(s: dict[str, Any]) -> str:
+    return f"{s['schedule']} ({s['timezone']})" if s["kind"] == "cron" else f"every {s['schedule']}"
+
+
+def _fire_local(fire: dict[str, Any]) -> str:
+    """The fire in the schedule's zone, marked when a calendar will skip it (`show` says why)."""
+    return f"{fire['local']} (skipped)" if fire.get("skip") else fire["local"]
+
+
+def _last_fire(s: dict[str, Any]) -> str:
+    if s["last_outcome"] is None:
+        return "-"
+    return f"{s['last_fire_at'] or 'run now'} {s['last_outcome']}"
+
+
+def _paused(s: dict[str, Any]) -> str:
+    """`yes by alice: <note>`, or empty when it is not paused."""
+    return "yes" + _paused_by(s) if s["paused"] else ""
+
+
+def _paused_by(s: dict[str, Any]) -> str:
+    return (f" by {s['paused_by']}" if s.get("paused_by") else "") + (f": {s['pause_note']}" if s.get("pause_note") else "")
+
+
+def _fire_table(fires: list[dict[str, Any]]) -> Table:
+    table = Table("id", "scheduled (UTC)", "handled (UTC)", "outcome", "run", "by", "reason")
+    for f in fires:
+        outcome = f["outcome"] + "".join(f" ({flag})" for flag in ("missed", "manual") if f.get(flag))
+        if f.get("count", 1) > 1:
+            outcome += f" x{f['count']}"
+        table.add_row(str(f["id"]), f["scheduled_at"], f["fired_at"], outcome, f.get("run_id") or "",
+                      Text(f.get("by") or ""), Text(f.get("reason") or ""))
+    return table
+
+
+@schedule_command("show")
+def schedules_show(
+    name: Annotated[str, typer.Argument(help="Schedule name (`baton schedules` lists them)")],
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a schedule: its settings, the next 5 fires and the latest fire records."""
+    client = _client(url)
+    s = client.schedule(name)
+    fires, _ = client.schedule_fires(name, limit=SHOW_FIRES)
+    if as_json:
+        _print_json({"schedule": s, "fires": fires})
+        return
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    rows = [
+        ("schedule", s["name"]),
+        ("workflow", s["workflow"]),
+        (s["kind"], f"{s['schedule']}: {s['description']}" if s["kind"] == "cron" else s["description"]),
+        ("timezone", s["timezone"]),
+        ("paused", _paused(s) or "no"),
+        ("on missed", s["on_missed"] + (f" (max_catch_up {s['max_catch_up']})" if s.get("max_catch_up") else "")),
+        ("overlap", s["overlap"] + (f" ({s['queued']} queued)" if s.get("queued") else "")),
+    ]
+    if s.get("jitter_s"):
+        rows.append(("jitter", f"up to {s['jitter_s']:g}s"))
+    if s["exclude"]:
+        rows.append(("exclude", ", ".join(s["exclude"])))
+    if s["only_within"]:
+        rows.append(("only within", ", ".join(s["only_within"])))
+    if s.get("start") or s.get("end"):
+        rows.append(("between", f"{s.get('start') or '-'} and {s.get('end') or '-'}"))
+    rows += [("last fire", _last_fire(s)), ("last run", s.get("last_run_id") or "-")]
+    for label, value in rows:
+        header.add_row(label, Text(str(value)))
+    upcoming = Table("next fires (local)", "UTC", "skipped")
+    for f in s["next_fires"]:
+        upcoming.add_row(Text(f["local"]), f["at"], Text(f.get("skip") or ""))
+    console = _out()
+    console.print(Group(header, Text(""), upcoming if s["next_fires"] else Text("no more fires: the schedule has ended")))
+    console.print(_fire_table(fires) if fires else Text("no fires recorded yet"))
+
+
+@schedule_command("fires")
+def schedules_fires(
+    name: Annotated[str, typer.Argument(help="Schedule name")],
+    limit: Annotated[int, typer.Option(help="How many fire records (1..500)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue a previous listing")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List a schedule's fires, newest first: the runs started, and why other fires started none."""
+    fires, next_cursor = _client(url).schedule_fires(name, limit=limit, cursor=cursor)
+    if as_json:
+        _print_json({"fires": fires, "next_cursor": next_cursor})
+        return
+    _out().print(_fire_table(fires))
+    if next_cursor:
+        typer.echo(f"more: baton schedules fires {name} --cursor {next_cursor}")
+
+
+@schedule_command("pause")
+def schedules_pause(
+    name: Annotated[str, typer.Argument(help="Schedule name")],
+    note: Annotated[str | None, typer.Option(help="Why, for whoever looks next")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Pause a schedule: it starts nothing until resumed (operator role)."""
+    s = _client(url).pause_schedule(name, note)
+    _print_json(s) if as_json else typer.echo(f"schedule {s['name']} paused{_paused_by(s)}")
+
+
+@schedule_command("resume")
+def schedules_resume(
+    name: Annotated[str, typer.Argument(help="Schedule name")],
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Resume a schedule from its next fire after now; fires that fell in the pause are not run (operator role)."""
+    s = _client(url).resume_schedule(name)
+    if as_json:
+        _print_json(s)
+        return
+    nxt = s["next_fires"][0] if s["next_fires"] else None
+    typer.echo(f"schedule {s['name']} resumed; next fire " + (f"{_fire_local(nxt)} ({nxt['at']})" if nxt else "none: it has ended"))
+
+
+@schedule_command("run")
+def schedules_run(
+    name: Annotated[str, typer.Argument(help="Schedule name")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run ends; exit 1 unless it succeeded")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a run of the schedule's workflow now, with the schedule's input (ignores pause, calendars and overlap; operator role)."""
+    client = _client(url)
+    started = client.run_schedule(name)
+    if not as_json:
+        typer.echo(f"started run {started['run_id']} of schedule {started['schedule']}")
+    if not wait:
+        if as_json:
+            _print_json(started)
+        return
+    run = _wait(client, client.run(started["run_id"]), timeout)
+    if as_json:
+        _print_json({**started, "run": run})
+    else:
+        typer.echo(f"run {run['run_id']} {run['status']}{_why(client, run)}")
+    if run["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@client_command
+def calendars(url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """List the calendars of the server's config, and whether this moment is in each."""
+    items = _client(url).calendars()
+    if as_json:
+        _print_json({"calendars": items})
+        return
+    table = Table("calendar", "timezone", "entries", "now", "description")
+    for c in items:
+        table.add_row(Text(c["name"]), c["timezone"], Text("; ".join(c["entries"])),
+                      Text(f"in it: {c['now']}" if c["now"] else "not in it"), Text(c.get("description") or ""))
+    _out().print(table)
+    if not items:
+        typer.echo("no calendars: declare them under `calendars:` in config/baton.yaml")
 
 
 # --- audit log and exports ------------------------------------------------------------

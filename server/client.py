@@ -121,6 +121,34 @@ class BatonClient:
         body = {"decision": decision, "comment": comment, "step": step}
         return self._call("POST", f"/v1/runs/{_q(run_id)}/approval", body=body)[1]
 
+    # --- schedules and calendars --------------------------------------------------------
+
+    def schedules(self) -> list[dict[str, Any]]:
+        return self._get("/v1/schedules")["schedules"]
+
+    def schedule(self, name: str) -> dict[str, Any]:
+        return self._get(f"/v1/schedules/{_q(name)}")
+
+    def schedule_fires(self, name: str, *, limit: int | None = None,
+                       cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Fire records, newest first: the runs started, and why other fires started none."""
+        page = self._get(f"/v1/schedules/{_q(name)}/fires", {"limit": limit, "cursor": cursor})
+        return page["fires"], page["next_cursor"]
+
+    def pause_schedule(self, name: str, note: str | None = None) -> dict[str, Any]:
+        body = {"note": note} if note is not None else None
+        return self._call("POST", f"/v1/schedules/{_q(name)}/pause", body=body)[1]
+
+    def resume_schedule(self, name: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/schedules/{_q(name)}/resume")[1]
+
+    def run_schedule(self, name: str) -> dict[str, Any]:
+        """Fire the schedule now: {"schedule", "run_id", "scheduled_at"}."""
+        return self._call("POST", f"/v1/schedules/{_q(name)}/run")[1]
+
+    def calendars(self) -> list[dict[str, Any]]:
+        return self._get("/v1/calendars")["calendars"]
+
     # --- audit log and exports --------------------------------------------------------
 
     def audit(

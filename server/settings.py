@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from ruamel.yaml import YAML, YAMLError
 
+from server.definitions.calendars import CalendarSpec, check_calendars
 from server.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/baton.yaml")
@@ -120,6 +121,17 @@ class Audit(BaseModel):
     export_page_size: int = Field(500, ge=1, le=10_000)
 
 
+class Schedules(BaseModel):
+    """Cron and interval triggers (server/triggers/scheduler.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a fire further behind than this when Baton gets to it was missed (Baton was down
+    # or stalled) and follows the trigger's on_missed; a fire less late simply runs
+    misfire_grace_s: float = Field(60.0, gt=0)
+    # fire records (started / skipped, with the reason) kept per schedule; older ones are pruned
+    keep_fires: int = Field(1000, ge=10, le=1_000_000)
+
+
 ROLES = ("viewer", "operator", "approver", "admin")
 Role = Literal["viewer", "operator", "approver", "admin"]
 
@@ -178,6 +190,17 @@ class Settings(BaseSettings):
     nats: Nats = Nats()
     worker: Worker = Worker()
     approvals: Approvals = Approvals()
+    schedules: Schedules = Schedules()
+    # named days and windows that schedule triggers `exclude` or keep to (`only_within`)
+    calendars: dict[str, CalendarSpec] = {}
+
+    @model_validator(mode="after")
+    def _calendars_refer_to_each_other_sanely(self) -> "Settings":
+        try:
+            check_calendars(self.calendars)
+        except ValueError as exc:
+            raise ValueError(f"calendars: {exc}") from None
+        return self
 
     @property
     def db_path(self) -> Path:
@@ -225,5 +248,5 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None

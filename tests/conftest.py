@@ -10,6 +10,7 @@ import nats
 import pytest
 
 from server.bus.embedded import EmbeddedNats
+from server.store.sqlite import SQLiteStore
 
 
 class ExternalNats:
@@ -56,3 +57,12 @@ def _embedded_nats_on_a_free_port(monkeypatch):
     """A server a test starts without a NATS URL embeds nats-server: on a free port,
     not on 4222, so tests never meet a developer's own NATS (or each other)."""
     monkeypatch.setenv("BATON_NATS__EMBEDDED_PORT", "-1")
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """A fresh SQLite store in the test's directory, open for the test."""
+    s = SQLiteStore(tmp_path / "baton.db")
+    await s.open()
+    yield s
+    await s.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,3 +35,16 @@ async def call(client: TestClient, method: str, path: str, expect: int = 200, **
     body = await response.json()
     assert response.status == expect, body
     return body
+
+
+async def eventually(predicate: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
+    """Poll an async predicate until it returns something truthy (returned); fail naming
+    `what` after `timeout_s`. The wait is for a condition, never a fixed time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(0.005)

@@ -88,6 +88,13 @@ EXPECTED_ROLES = {
     "GET /v1/approvals/{token}": None,  # the signed link is the credential
     "POST /v1/approvals/{token}": None,
     "POST /v1/runs/{run_id}/approval": "approver",
+    "GET /v1/schedules": "viewer",
+    "GET /v1/schedules/{name}": "viewer",
+    "GET /v1/schedules/{name}/fires": "viewer",
+    "POST /v1/schedules/{name}/pause": "operator",
+    "POST /v1/schedules/{name}/resume": "operator",
+    "POST /v1/schedules/{name}/run": "operator",
+    "GET /v1/calendars": "viewer",
 }
 
 

@@ -72,3 +72,23 @@ def test_events_quick_reports_every_figure():
     assert figures["events"] == 300
     assert figures["succeeded"] == 300
     assert figures["failures"] == 0
+
+
+TIMERS_EXPECTED_KEYS = {
+    "workload", "count", "max_sleep_s", "lead_s", "succeeded", "failures", "failure_kinds", "start_s",
+    "starts_per_s", "peak_pending_timers", "started_late", "lateness_p50_ms", "lateness_p99_ms",
+    "lateness_max_ms", "done_lateness_p50_ms", "done_lateness_p99_ms", "done_lateness_max_ms",
+    "server_rss_pending_mib", "server_rss_peak_mib", "server_cpu_s", "wall_s",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_timers_quick_reports_every_figure():
+    figures = run_bench("timers", "--quick")
+    assert TIMERS_EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "timers"
+    assert figures["count"] == 300
+    assert figures["succeeded"] == 300
+    assert figures["failures"] == 0
+    assert all(figures[key] is not None for key in TIMERS_EXPECTED_KEYS)

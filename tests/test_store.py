@@ -37,12 +37,6 @@ def event(run_id: str, seq: int, type_: str = "step.succeeded") -> HistoryRow:
     return HistoryRow(run_id, seq, float(seq), type_, "a", b'{"n": %d}' % seq)
 
 
-@pytest.fixture
-async def store(tmp_path: Path):
-    s = SQLiteStore(tmp_path / "baton.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def reopened(s: SQLiteStore) -> SQLiteStore:

@@ -243,9 +243,10 @@ ROUTE_OF = web.AppKey("route_of", dict)
 def all_routes() -> list[Route]:
     """Every endpoint of the API, from every module that serves some (each keeps its own
     `ROUTES` list of `server.api.table.Route`)."""
-    from server.api import approvals, audit, export, hooks, openapi  # imported here: feature modules import this one
+    from server.api import approvals, audit, export, hooks, openapi, schedules  # imported here: feature modules import this one
 
-    return [*ROUTES, *hooks.ROUTES, *openapi.ROUTES, *audit.ROUTES, *export.ROUTES, *approvals.ROUTES]
+    return [*ROUTES, *hooks.ROUTES, *openapi.ROUTES, *audit.ROUTES, *export.ROUTES, *approvals.ROUTES,
+            *schedules.ROUTES]
 
 
 def add_routes(app: web.Application) -> None:

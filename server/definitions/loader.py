@@ -305,6 +305,12 @@ def _unknown_handler(name: str, known: Collection[str]) -> str:
 # --- locations -------------------------------------------------------------------
 
 
+def problem_at(loaded: LoadedWorkflow, loc: Loc, message: str) -> str:
+    """A problem found after loading (a schedule's calendar, say) in the loader's own
+    `file:line: field: message` form."""
+    return _problem(loaded.path, _line_of(_parse_yaml(loaded.source, loaded.path), loc), loc, message)
+
+
 def _problem(filename: str, line: int, loc: Loc, message: str) -> str:
     return f"{filename}:{line}: {_field_path(loc)}: {message}"
 

@@ -19,6 +19,8 @@ A workflow file looks like this (see config/workflows/ for complete examples)::
     triggers:                              # optional: what starts runs besides the API
       - event: {subject: orders.created, filter: "event.data.total > 0"}
       - webhook: {path: new-order, secret: {env: SHOP_HOOK_SECRET}, signature: hmac-sha256}
+      - cron: {schedule: "0 7 * * MON-FRI", timezone: Europe/Berlin, exclude: [month-end-close]}
+      - every: {interval: 15m}
 
 Rules the models enforce (the loader adds the cross-step ones: unique ids, known
 `needs`, no cycles, known handlers, templates that compile):
@@ -38,9 +40,12 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+from server.definitions.cron import CronText, DayOrInstant, TimeZoneName
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -316,12 +321,79 @@ class WebhookTrigger(_Model):
         return self
 
 
-TRIGGER_KINDS = ("event", "webhook")
+ScheduleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:#-]{0,127}$")]
+CalendarRef = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# catch_up after a long outage starts at most this many runs (the latest missed fires)
+DEFAULT_MAX_CATCH_UP = 10
+
+
+class _Schedule(_Model):
+    """What cron and interval triggers share (server/triggers/schedules.py has the rules).
+
+    `name` identifies the schedule in `baton schedules` and the API; it defaults to the
+    workflow's name (`<workflow>#<n>` when a workflow has several). The templates see
+    `event` (type `baton.schedule.fired`; `event.data` has schedule, scheduled_at,
+    scheduled_local, fired_at, missed, manual); `input` defaults to `{}`."""
+
+    name: ScheduleName | None = None
+    timezone: TimeZoneName = "UTC"
+    input: Template = None
+    workflow_id: Template = None
+    # first and last fire (inclusive); a date-time without an offset is read in `timezone`
+    start: DayOrInstant | None = None
+    end: DayOrInstant | None = None
+    # each fire waits a random delay below this bound (spreads load; the schedule time stays nominal)
+    jitter: Duration = 0.0
+    exclude: list[CalendarRef] = []
+    only_within: list[CalendarRef] = []
+    on_missed: Literal["skip", "run_once", "catch_up"] = "skip"
+    max_catch_up: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_MAX_CATCH_UP
+    # the previous run of this schedule is still open: start anyway, skip this fire, start
+    # it when that run ends, or cancel that run and start this one. Temporal's default.
+    overlap: Literal["allow", "skip", "queue", "cancel_previous"] = "skip"
+
+    @model_validator(mode="after")
+    def _coherent(self) -> _Schedule:
+        if "max_catch_up" in self.model_fields_set and self.on_missed != "catch_up":
+            raise ValueError("max_catch_up applies to on_missed: catch_up")
+        for bound in (self.start, self.end):
+            if isinstance(bound, datetime) and bound.tzinfo is not None:
+                raise ValueError("write start/end without an offset: they are read in the schedule's timezone")
+        if self.start is not None and self.end is not None and _as_datetime(self.end) < _as_datetime(self.start):
+            raise ValueError(f"end ({self.end}) is before start ({self.start})")
+        return self
+
+
+def _as_datetime(value: date | datetime) -> datetime:
+    return value if isinstance(value, datetime) else datetime(value.year, value.month, value.day)
+
+
+class CronTrigger(_Schedule):
+    """Start a run at each time a cron expression names, in `timezone`."""
+
+    schedule: CronText
+
+
+class EveryTrigger(_Schedule):
+    """Start a run every `interval`, on multiples of it counted from `start` (default:
+    the Unix epoch, so `15m` fires at :00, :15, :30 and :45)."""
+
+    interval: Annotated[Duration, Field(ge=1)]
+
+
+TRIGGER_KINDS = ("event", "webhook", "cron", "every")
+SCHEDULE_KINDS = ("cron", "every")
 
 
 class Trigger(_Model):
     event: EventTrigger | None = None
     webhook: WebhookTrigger | None = None
+    cron: CronTrigger | None = None
+    every: EveryTrigger | None = None
+
+    @property
+    def schedule(self) -> CronTrigger | EveryTrigger | None:
+        return self.cron or self.every
 
     @model_validator(mode="after")
     def _one_kind(self) -> Trigger:

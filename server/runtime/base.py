@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 class Orchestrator(Protocol):
     webhooks: Any  # the webhook receiver (server/triggers/webhooks.py), None when none is configured
+    scheduler: Any  # cron and interval triggers (server/triggers/scheduler.py), None when not wired
 
     @property
     def ready(self) -> bool: ...

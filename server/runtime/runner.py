@@ -56,7 +56,7 @@ from server.runtime.lifecycle import lifecycle_rows
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
 from server.runtime.timers import Timers
 from server.settings import Limits
-from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, Store, TimerRow, parse_id
+from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, StepRow, Store, TimerRow, parse_id
 
 log = logging.getLogger("baton.runtime")
 
@@ -132,6 +132,10 @@ class Runtime:
         self.approval_links: ApprovalLinks | None = None
         self.approval_events = False
         self.approval_requested: Callable[[list[dict[str, Any]]], None] | None = None
+        # scheduler (triggers/scheduler.py): cron and interval triggers; None when not wired
+        self.scheduler: Any = None
+        # told the run id of each run whose end was just committed (the scheduler's overlap queue)
+        self.run_finished: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------- lifecycle
 
@@ -463,6 +467,11 @@ class Runtime:
                     log.exception("batch of %d events failed", len(items))
                     for item in items:
                         _fail(item, Unavailable("internal error while processing the request"))
+                finally:
+                    # these firings are committed (their rows deleted), or lost with the batch:
+                    # either way a refill may read their rows again
+                    fired = [(i.run_id, i.event.timer_id) for i in items if isinstance(i.event, TimerFired)]
+                    self.timers.settled(fired)
             if stop:
                 return
 
@@ -472,10 +481,12 @@ class Runtime:
         touched: dict[str, RunState] = {}
         requested: list[dict[str, Any]] = []  # approval requests opened by this batch
         timer_ops: dict[tuple[str, str], float | None] = {}
+        loaded = await self._load_states([i.run_id for i in items if i.new_state is None and i.run_id not in self._cache])
         for item in items:
             try:
                 # a run already decided in this batch continues from that decision, not from the store
-                state = item.new_state or touched.get(item.run_id) or await self._state(item.run_id)
+                state = (item.new_state or touched.get(item.run_id) or self._cache.get(item.run_id)
+                         or loaded.get(item.run_id) or await self._state(item.run_id))
                 if state is None:
                     raise RunNotFound(f"unknown run {item.run_id!r}", field="run_id")
                 if item.check is not None:
@@ -584,6 +595,8 @@ class Runtime:
         if state.slot is not None:
             self._release(state)
         summary = _summary(state, self.clock.now())
+        for listener in self.run_finished:
+            listener(state.run_id)
         for fut in self._waiters.pop(state.run_id, []):
             if not fut.done():
                 fut.set_result(summary)
@@ -675,6 +688,22 @@ class Runtime:
         self._queued.pop(key, None)
 
     # --------------------------------------------------------------- helpers
+
+    async def _load_states(self, run_ids: list[str]) -> dict[str, RunState]:
+        """The stored states of these runs in two reads, not two per run: waiting runs live
+        only in the store, and a burst of their timers or signals would otherwise read them
+        one by one inside the pump. A failing read leaves each run to `_state` (and its error)."""
+        if not run_ids:
+            return {}
+        try:
+            rows = await self.store.get_runs(run_ids)
+            steps: dict[str, list[StepRow]] = {}
+            for step in await self.store.steps_of([r.run_id for r in rows]):
+                steps.setdefault(step.run_id, []).append(step)
+            return {row.run_id: load_state(row, steps.get(row.run_id, []), await self._graph(row.def_hash))
+                    for row in rows}
+        except BatonError:
+            return {}
 
     async def _state(self, run_id: str, row: RunRow | None = None) -> RunState | None:
         state = self._cache.get(run_id)

@@ -160,6 +160,9 @@ class Batch:
     definitions: list[DefinitionRow] = field(default_factory=list)
     approvals: list[ApprovalRow] = field(default_factory=list)  # an existing id is left as it is
     approvals_closed: list[ApprovalClosed] = field(default_factory=list)  # after `approvals`, in order
+    schedules: list[ScheduleRow] = field(default_factory=list)  # upserted by name; the last one wins
+    schedule_fires: list[ScheduleFireRow] = field(default_factory=list)  # appended; the store assigns ids
+    schedule_fires_pruned: list[tuple[str, int]] = field(default_factory=list)  # (schedule, rows to keep)
 
 
 @dataclass(slots=True)
@@ -190,6 +193,42 @@ class ApprovalClosed:
     decided_by: str | None = None
     decided_via: str | None = None
     comment: str | None = None
+
+
+@dataclass(slots=True)
+class ScheduleRow:
+    """Where one schedule stands (server/triggers/scheduler.py)."""
+
+    name: str
+    workflow: str
+    spec_hash: str
+    next_at: float | None  # the next nominal fire; None once it has ended
+    paused: bool
+    paused_by: str | None
+    paused_at: float | None
+    pause_note: str | None
+    last_fire_at: float | None
+    last_run_id: str | None
+    last_outcome: str | None
+    queued: bytes  # JSON list of nominal fire times held back by `overlap: queue`
+    updated_at: float
+
+
+@dataclass(slots=True)
+class ScheduleFireRow:
+    """One fire of a schedule: the run it started, or why it started none."""
+
+    id: int | None  # assigned by the store
+    schedule: str
+    scheduled_at: float
+    fired_at: float
+    outcome: str  # started | skipped | queued | failed
+    reason: str | None
+    run_id: str | None
+    missed: bool
+    manual: bool
+    count: int
+    actor: str | None
 
 
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
@@ -313,6 +352,12 @@ class Store(Protocol):
                              cursor: str | None = None) -> tuple[list[ApprovalRow], str | None]:
         """Newest first by (requested_at, id); a page and the next page's cursor (None on
         the last). A cursor this store did not issue raises BadRequest."""
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        """Every stored schedule, by name."""
+
+    async def list_schedule_fires(self, schedule: str, *, limit: int = 50, before_id: int | None = None) -> list[ScheduleFireRow]:
+        """A schedule's fire records, newest first (by id); `before_id` pages backwards."""
 
     async def integrity_check(self) -> str:
         """"ok" when the database is healthy, else the problems found."""

@@ -62,6 +62,8 @@ from server.store.base import (
     HistoryRow,
     OutboxRow,
     RunRow,
+    ScheduleFireRow,
+    ScheduleRow,
     StepRow,
     TimerRow,
 )
@@ -97,6 +99,11 @@ _APPROVAL_COLUMNS = (
 )
 _APPROVAL_CLOSED_COLUMNS = "status, decided_at, decided_by, decided_via, comment, id"
 _AUDIT_COLUMNS = "id, at, actor, action, target, remote, status, request_id, detail"
+_SCHEDULE_COLUMNS = (
+    "name, workflow, spec_hash, next_at, paused, paused_by, paused_at, pause_note,"
+    " last_fire_at, last_run_id, last_outcome, queued, updated_at"
+)
+_SCHEDULE_FIRE_COLUMNS = "id, schedule, scheduled_at, fired_at, outcome, reason, run_id, missed, manual, count, actor"
 
 # The identity columns (workflow, version, def_hash, workflow_id, created_at) are
 # written once: leaving them out of the UPDATE spares four index rewrites per
@@ -140,6 +147,13 @@ _CLOSE_APPROVAL = (
     " WHERE id = ? AND status = 'pending'"
 )
 _INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_SCHEDULE = f"INSERT OR REPLACE INTO schedules ({_SCHEDULE_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT_SCHEDULE_FIRE = f"INSERT INTO schedule_fires ({_SCHEDULE_FIRE_COLUMNS}) VALUES ({', '.join('?' * 11)})"
+# keep the newest N rows of one schedule
+_PRUNE_SCHEDULE_FIRES = (
+    "DELETE FROM schedule_fires WHERE schedule = ?1 AND id <= ("
+    "SELECT id FROM schedule_fires WHERE schedule = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)"
+)
 
 
 def _getter(columns: str) -> Callable[[Any], tuple]:
@@ -157,6 +171,8 @@ _outbox_params = _getter(_OUTBOX_COLUMNS)
 _approval_params = _getter(_APPROVAL_COLUMNS)
 _approval_closed_params = _getter(_APPROVAL_CLOSED_COLUMNS)
 _audit_params = _getter(_AUDIT_COLUMNS)
+_schedule_params = _getter(_SCHEDULE_COLUMNS)
+_schedule_fire_params = _getter(_SCHEDULE_FIRE_COLUMNS)
 
 
 # -- error mapping -------------------------------------------------------------
@@ -231,6 +247,9 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
     approvals: list[tuple] = []
     approvals_closed: list[tuple] = []
     audit: list[tuple] = []
+    schedules: dict[str, tuple] = {}
+    schedule_fires: list[tuple] = []
+    fires_pruned: list[tuple] = []
     for item in items:
         if isinstance(item, DefinitionRow):
             definitions.append(_definition_params(item))
@@ -258,6 +277,10 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         approvals_closed.extend(map(_approval_closed_params, item.approvals_closed))
         audit.extend(map(_audit_params, item.audit))
         definitions.extend(map(_definition_params, item.definitions))
+        for row in item.schedules:
+            schedules[row.name] = _schedule_params(row)
+        schedule_fires.extend(map(_schedule_fire_params, item.schedule_fires))
+        fires_pruned.extend(item.schedule_fires_pruned)
     statements = [
         (_DELETE_STEP, list(steps_deleted)),
         (_DELETE_TIMER, list(timers_deleted)),
@@ -275,6 +298,9 @@ def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]
         (_INSERT_APPROVAL, approvals),
         (_CLOSE_APPROVAL, approvals_closed),
         (_INSERT_AUDIT, audit),
+        (_UPSERT_SCHEDULE, list(schedules.values())),
+        (_INSERT_SCHEDULE_FIRE, schedule_fires),
+        (_PRUNE_SCHEDULE_FIRES, fires_pruned),
     ]
     return [(sql, params) for sql, params in statements if params]
 
@@ -691,6 +717,19 @@ class SQLiteStore:
         )
         sql = f"SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?"
         return [AuditRow(*row) for row in await self._fetch(sql, [*params, limit])]
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        rows = await self._fetch(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
+        return [ScheduleRow(*row[:4], bool(row[4]), *row[5:]) for row in rows]
+
+    async def list_schedule_fires(self, schedule: str, *, limit: int = 50,
+                                  before_id: int | None = None) -> list[ScheduleFireRow]:
+        if limit < 1:
+            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
+        where, params = _where(("schedule = ?", schedule), ("id < ?", before_id))
+        sql = f"SELECT {_SCHEDULE_FIRE_COLUMNS} FROM schedule_fires{where} ORDER BY id DESC LIMIT ?"
+        return [ScheduleFireRow(*row[:7], bool(row[7]), bool(row[8]), *row[9:])
+                for row in await self._fetch(sql, [*params, limit])]
 
     async def iter_runs(
         self,
