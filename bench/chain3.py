@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measure(args: argparse.Namespace, workload: str, runs: int, concurrency: int) -> dict[str, Any]:
     """Start a server, warm it up, drive `runs` chain3 runs and return every figure."""
-    with harness.start_server({"chain3.yaml": WORKFLOW_YAML}, sync=args.sync,
-                              python_args=harness.server_python_args(args), keep_dir=args.keep_dir) as server:
+    with harness.tracing(args.tracing) as (trace_env, sink), \
+            harness.start_server({"chain3.yaml": WORKFLOW_YAML}, sync=args.sync, extra_env=trace_env,
+                                 python_args=harness.server_python_args(args), keep_dir=args.keep_dir) as server:
         warm = asyncio.run(harness.drive(server.url, WORKFLOW, args.warmup, concurrency, args.deadline))
         if warm.failures:
             raise harness.ServerError(f"warm-up runs failed: {dict(warm.failures)}\n{server.log_tail()}")
@@ -63,6 +64,7 @@ def measure(args: argparse.Namespace, workload: str, runs: int, concurrency: int
             **harness.latency_figures(result.latencies_s, QUANTILES),
             **harness.server_figures(server, rss_start, cpu_start, runs),
             "client_cpu_s": round(result.client_cpu_s, 3),
+            **harness.trace_figures(args.tracing, sink),
             "server_pid": server.pid,
             **harness.environment(),
         }

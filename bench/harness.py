@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
@@ -127,7 +129,8 @@ class ServerError(RuntimeError):
 
 
 def _server_env(workdir: Path, port: int, sync: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATON_")}
+    # neither the caller's Baton settings nor its OpenTelemetry ones: `--tracing` decides
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATON_", "OTEL_"))}
     config = workdir / "baton.yaml"
     config.write_text("")  # so the repository's config/baton.yaml is never read
     env.update(
@@ -419,6 +422,67 @@ def add_server_arguments(parser: Any) -> None:
                         help="sample the server with py-spy during the measured runs; raw profile to FILE")
     parser.add_argument("--keep-dir", action="store_true",
                         help="keep the server's temporary directory (database, log)")
+
+
+    parser.add_argument("--tracing", choices=("on", "off"), default="off",
+                        help="export OpenTelemetry spans of every run over OTLP/HTTP to a sink in this "
+                             "process (default: off)")
+
+
+class TraceSink:
+    """An OTLP/HTTP endpoint on loopback that takes span exports and counts them, without
+    decoding: the server pays for building and sending its spans, the driver very little."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="trace-sink", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/traces", self._take)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _take(self, request: web.Request) -> web.Response:
+        self.bytes += len(await request.read())
+        self.requests += 1
+        return web.Response(body=b"", content_type="application/x-protobuf")  # an empty ExportTraceServiceResponse
+
+    def __enter__(self) -> TraceSink:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@contextlib.contextmanager
+def tracing(mode: str) -> Iterator[tuple[dict[str, str], TraceSink | None]]:
+    """The server environment for `--tracing on|off`, and the sink spans go to when on."""
+    if mode != "on":
+        yield {"OTEL_SDK_DISABLED": "true"}, None
+        return
+    with TraceSink() as sink:
+        yield {"BATON_TRACING__ENABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}, sink
+
+
+def trace_figures(mode: str, sink: TraceSink | None) -> dict[str, Any]:
+    return {"tracing": mode, "trace_exports": sink.requests if sink else 0,
+            "trace_mib": round(sink.bytes / 2**20, 2) if sink else 0.0}
 
 
 def server_python_args(args: Any) -> list[str]:

@@ -40,12 +40,23 @@ def idempotency_key(run_id: str, step_id: str, attempt: int) -> str:
     return f"{run_id}:{step_id}:{attempt}"
 
 
+class _AttemptLogger(logging.LoggerAdapter[logging.Logger]):
+    """Keeps a call's own `extra` fields (`ctx.logger.info("paid", extra={"order": id})`)
+    beside the attempt's identifiers, which win on a clash; the stdlib adapter drops
+    them before Python 3.13 (`merge_extra`)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        own = kwargs.get("extra")
+        kwargs["extra"] = {**own, **self.extra} if own else self.extra
+        return msg, kwargs
+
+
 def handler_logger(
     *, workflow: str, run_id: str, step_id: str, task_id: str, attempt: int
 ) -> logging.LoggerAdapter[logging.Logger]:
     """A `baton.handler` logger whose records carry the attempt's identifiers as `extra`."""
     extra = {"workflow": workflow, "run_id": run_id, "step_id": step_id, "task_id": task_id, "attempt": attempt}
-    return logging.LoggerAdapter(HANDLER_LOGGER, extra)
+    return _AttemptLogger(HANDLER_LOGGER, extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +74,9 @@ class Context:
     idempotency_key: str
     compensation: bool = False  # this call undoes a completed step
     deadline: float | None = None  # unix seconds; the attempt is cancelled after it
+    # W3C `traceparent` of this attempt's span (None when tracing is off): outgoing
+    # `http.request` and `nats.*` calls carry it, so what they start joins the run's trace
+    traceparent: str | None = None
     _logger: logging.LoggerAdapter[logging.Logger] | None = field(
         default=None, init=False, repr=False, compare=False
     )

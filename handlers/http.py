@@ -23,7 +23,14 @@ HeaderInjector = Callable[[Context, dict[str, str]], None]
 # Extension point: each injector may add to the outgoing headers of every request,
 # e.g. W3C Trace Context (`traceparent`) from the step's span. Runs after the
 # step's own headers, so an injector sees (and may override) them.
-header_injectors: list[HeaderInjector] = []
+def trace_context(ctx: Context, headers: dict[str, str]) -> None:
+    """W3C Trace Context: the attempt's span is the parent of what the request starts,
+    unless the step set a `traceparent` of its own."""
+    if ctx.traceparent and not any(name.lower() == "traceparent" for name in headers):
+        headers["traceparent"] = ctx.traceparent
+
+
+header_injectors: list[HeaderInjector] = [trace_context]
 
 # RFC 9110 §15.5.9: 408 means the server gave up waiting for the request; a repeat may succeed.
 RETRYABLE_4XX = frozenset({408, 429})

@@ -24,10 +24,11 @@ from server.definitions.catalog import Catalog
 from server.errors import BusError, DefinitionError
 from server.runtime.approvals import ApprovalLinks, load_secret
 from server.runtime.clock import Clock
-from server.runtime.lifecycle import run_traceparent
 from server.runtime.runner import Runtime
 from server.settings import Settings
 from server.store.sqlite import SQLiteStore
+from server.telemetry import logs
+from server.telemetry.tracing import RunSpans, make_exporter, make_provider, tracing_enabled
 from server.triggers.events import EventTriggers
 from server.triggers.scheduler import Scheduler, compile_schedules
 from server.triggers.webhooks import Webhooks
@@ -43,9 +44,12 @@ def import_handler_modules(modules: list[str]) -> None:
     handlers.load_modules(modules)
 
 
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(settings: Settings, *, dev: bool = False) -> None:
+    """Every logger to stderr: JSON lines for `serve` and `worker` (a log pipeline reads
+    them), readable lines for `dev`; secrets the settings hold are masked from here on."""
+    logs.setup(settings.log_level, settings.log_format or ("console" if dev else "json"))
+    logs.register_secrets(*(s.get_secret_value() for s in (settings.token, settings.nats.token, settings.approvals.secret)
+                            if s is not None))
 
 
 def load_catalog(settings: Settings) -> Catalog:
@@ -111,10 +115,12 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             stack.callback(nats_handlers.use, None)
         stack.push_async_callback(handlers.REGISTRY.aclose)
         runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
+        store.on_group = runtime.metrics.store_group  # group commit latency and size
         approvals = settings.approvals
-        secret = approvals.secret.get_secret_value() if approvals.secret is not None else None
-        runtime.approval_links = ApprovalLinks(load_secret(secret, settings.data_dir),
-                                               settings.public_url or settings.url, approvals.link_ttl_s)
+        configured = approvals.secret.get_secret_value() if approvals.secret is not None else None
+        link_key = load_secret(configured, settings.data_dir)
+        logs.register_secrets(link_key)  # it signs approval links: never in a log line
+        runtime.approval_links = ApprovalLinks(link_key, settings.public_url or settings.url, approvals.link_ttl_s)
         if approvals.notify_url:  # told after each commit that opened requests: closes after the runtime stops
             notifier = WebhookNotifier(approvals.notify_url, approvals.notify_timeout_s)
             stack.push_async_callback(notifier.close)
@@ -129,14 +135,21 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             stack.push_async_callback(outbox.stop)
             runtime.lifecycle, runtime.outbox_written = settings.nats.lifecycle_events, outbox.wake
             # sends the queue steps the runtime dispatches (recovery too): closes after it stops
-            remote = RemoteTasks(bus, runtime, runtime.clock, traceparent=run_traceparent)
+            remote = RemoteTasks(bus, runtime, runtime.clock)
             await remote.prepare()
             stack.push_async_callback(remote.close)
             runtime.remote = remote
+        if tracing_enabled(settings.tracing.enabled):  # stops after the runtime: its last commits become spans
+            provider, processor = make_provider(make_exporter())
+            run_spans = RunSpans(provider, processor, store, runtime.graph_of, link_trigger=settings.tracing.trigger == "link")
+            await run_spans.start()
+            stack.push_async_callback(run_spans.stop)
+            runtime.run_spans, runtime.tracer_provider = run_spans, provider
         stack.push_async_callback(runtime.stop, settings.limits.shutdown_grace_s)
         await runtime.start()
         # webhooks (POST /hooks/<path>, served by the API) read their secrets now, once
         runtime.webhooks = Webhooks(runtime, store, dedupe_window_s=settings.nats.dedupe_window_s)
+        logs.register_secrets(*(hook.secret.decode() for hook in runtime.webhooks.hooks.values() if hook.secret))
         # cron and interval triggers feed the runtime: start after it, stop before it
         scheduler = Scheduler(runtime, store, schedules, settings, runtime.clock)
         await scheduler.start()
@@ -184,7 +197,7 @@ async def serve(settings: Settings, *, dev: bool = False) -> None:
 
 
 def run_server(settings: Settings, *, dev: bool = False) -> None:
-    configure_logging(settings)
+    configure_logging(settings, dev=dev)
     try:
         asyncio.run(serve(settings, dev=dev))
     except DefinitionError as exc:  # a workflow file or a schedule the config cannot serve: say which, not a traceback

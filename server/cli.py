@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 import time
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,8 +23,10 @@ import orjson
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
 from server.client import BatonClient, ClientError
 from server.errors import ConfigError
@@ -397,7 +400,7 @@ def show(
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show a run and its steps."""
+    """Show a run and its steps (and its trace in Jaeger, when BATON_JAEGER_URL is set)."""
     client = _client(url)
     run = client.run(run_id)
     if as_json:
@@ -406,17 +409,18 @@ def show(
             run = client.run(run_id)
         _print_json(run)
         return
+    render = functools.partial(_render_run, jaeger_url=_settings().jaeger_url)
     console = _out()
     if not follow:
-        console.print(_render_run(run))
+        console.print(render(run))
     elif console.is_terminal:
-        with Live(_render_run(run), console=console, auto_refresh=False) as live:
+        with Live(render(run), console=console, auto_refresh=False) as live:
             for run in _follow(client, run):
-                live.update(_render_run(run), refresh=True)
+                live.update(render(run), refresh=True)
     else:  # piped: a log of the changes, not a redraw
-        console.print(_render_run(run))
+        console.print(render(run))
         for run in _follow(client, run):
-            console.print(_render_run(run))
+            console.print(render(run))
 
 
 def _follow(client: BatonClient, run: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -434,7 +438,7 @@ def _progress(run: dict[str, Any]) -> tuple:
     return run["status"], tuple((s["key"], s["status"], s.get("attempt")) for s in run.get("steps", []))
 
 
-def _render_run(run: dict[str, Any]) -> Group:
+def _render_run(run: dict[str, Any], jaeger_url: str | None = None) -> Group:
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -446,12 +450,17 @@ def _render_run(run: dict[str, Any]) -> Group:
         ("created", run.get("created_at") or "-"),
         ("finished", run.get("finished_at") or "-"),
     ]
+    if run.get("trace_id"):
+        rows.append(("trace", run["trace_id"]))
     if run.get("waiting_for"):
         rows.append(("waiting for", ", ".join(run["waiting_for"])))
     if run.get("error"):
         rows.append(("error", _error_text(run["error"])))
     for label, value in rows:
         header.add_row(label, Text(str(value)))  # Text: no markup in user data
+    if jaeger_url and run.get("trace_id"):
+        link = _jaeger_link(jaeger_url, run["trace_id"])
+        header.add_row("jaeger", Text(link, style=Style(link=link)))
     steps = Table("step", "kind", "status", "attempts", "duration", "compensation")
     for s in run.get("steps", []):
         duration = s.get("duration_s")
@@ -490,6 +499,112 @@ def history(
             data = data[: DATA_COLUMN_CHARS - 1] + "…"
         table.add_row(str(e["seq"]), str(e["at"]), e["type"], Text(e.get("key") or ""), Text(data))
     _out().print(table)
+
+
+@client_command
+def trace(
+    run_id: Annotated[str, typer.Argument(help="Run id")],
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a run's spans as a tree: what tracing exports, rebuilt from the run's history
+    (no Jaeger needed); a span still open shows as running."""
+    answer = _client(url).trace(run_id)
+    if as_json:
+        _print_json(answer)
+        return
+    _out().print(_render_trace(answer, _settings().jaeger_url))
+
+
+def _jaeger_link(jaeger_url: str, trace_id: str) -> str:
+    return f"{jaeger_url.rstrip('/')}/trace/{trace_id}"
+
+
+def _moment(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def _span_time(seconds: float) -> str:
+    """Milliseconds under a minute (the API's timestamps have no more), then coarser: a wait may last days."""
+    if seconds < 60:
+        return f"{seconds:.3f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+STATUS_STYLE = {"ok": "green", "error": "bold red", "unset": "yellow"}
+PLAIN_OUTCOMES = {None, "succeeded", "failed"}  # what the status already says
+EVENT_ATTRS = {  # span event attribute -> how a line shows it
+    "baton.retry.delay_s": lambda v: f"in {_span_time(float(v))}",
+    "baton.signal.by": lambda v: f"by {v}" if v else "",
+    "baton.approval.decision": str,
+    "baton.approval.by": lambda v: f"by {v}" if v else "",
+    "baton.steps": lambda v: f"steps {v}",
+    "baton.step.id": str,
+}
+
+
+def _render_trace(answer: dict[str, Any], jaeger_url: str | None = None) -> Group:
+    """The span tree; offsets count from the start of the run span above (one per run attempt)."""
+    spans = answer["spans"]
+    ids = {s["span_id"] for s in spans}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for s in spans:  # the answer is in start order, so each list is too
+        children.setdefault(s["parent_id"] if s["parent_id"] in ids else None, []).append(s)
+    tree = Tree(Text(f"trace {answer['trace_id']}  run {answer['run_id']}", style="bold"))
+    for root in children.get(None, []):
+        _add_span(tree, root, children, _moment(root["start"]))
+    parts: list[Any] = [tree]
+    if not spans:
+        parts.append(Text("no spans yet: the run has not started"))
+    if jaeger_url:
+        parts.append(Text(f"jaeger  {_jaeger_link(jaeger_url, answer['trace_id'])}"))
+    return Group(*parts)
+
+
+def _add_span(parent: Tree, span: dict[str, Any], children: dict[str | None, list[dict[str, Any]]], t0: float) -> None:
+    node = parent.add(_span_line(span, t0))
+    items = [(_moment(e["at"]), 0, e) for e in span["events"] if e["name"] != "exception"]  # the message says it
+    items += [(_moment(c["start"]), 1, c) for c in children.get(span["span_id"], [])]
+    for _, is_span, item in sorted(items, key=lambda x: (x[0], x[1])):
+        if is_span:
+            _add_span(node, item, children, t0)
+        else:
+            node.add(_event_line(item, t0))
+
+
+def _span_line(span: dict[str, Any], t0: float) -> Text:
+    attrs = span.get("attributes") or {}
+    status, outcome = span["status"], attrs.get("baton.outcome")
+    line = Text.assemble((span["name"], "bold"), "  ", (status, STATUS_STYLE.get(status, "")))
+    if outcome not in PLAIN_OUTCOMES:
+        line.append(f" ({outcome})")
+    line.append(f"  +{_span_time(_moment(span['start']) - t0)}")
+    if span["end"] is None:
+        line.append("  running", style="cyan")
+    else:
+        line.append(f"  {_span_time(span['duration_s'] or 0.0)}")
+    attempt = attrs.get("baton.step.attempt", attrs.get("baton.run.attempt"))
+    if attempt is not None:
+        line.append(f"  attempt {attempt}")
+    if span["kind"] == "producer" and attrs.get("baton.queue"):
+        line.append(f"  queue {attrs['baton.queue']}")
+    if status == "error" and span.get("message"):
+        line.append(f"  {span['message']}", style="red")
+    return line
+
+
+def _event_line(event: dict[str, Any], t0: float) -> Text:
+    attrs = event.get("attributes") or {}
+    shown = [EVENT_ATTRS[k](v) for k, v in attrs.items() if k in EVENT_ATTRS and v is not None]
+    shown += [f"{k}={v}" for k, v in attrs.items() if k not in EVENT_ATTRS]
+    details = " ".join(x for x in shown if x)
+    return Text(f"• {event['name']}  +{_span_time(_moment(event['at']) - t0)}" + (f"  {details}" if details else ""),
+                style="dim")
 
 
 @client_command

@@ -86,6 +86,9 @@ class BatonClient:
                 return out
             after = int(rows[-1][0])
 
+    def trace(self, run_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/runs/{_q(run_id)}/trace")
+
     def signal(self, run_id: str, name: str, data: Any = None) -> dict[str, Any]:
         return self._call("POST", f"/v1/runs/{_q(run_id)}/signals/{_q(name)}", body={"data": data})[1]
 

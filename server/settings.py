@@ -132,6 +132,19 @@ class Schedules(BaseModel):
     keep_fires: int = Field(1000, ge=10, le=1_000_000)
 
 
+class Tracing(BaseModel):
+    """OpenTelemetry traces (server/telemetry/tracing.py). The exporter itself is set up by
+    the standard OTEL_* variables: OTEL_EXPORTER_OTLP_ENDPOINT, _PROTOCOL, _HEADERS, ..."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # None: on when OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set; OTEL_SDK_DISABLED=true always wins
+    enabled: bool | None = None
+    # the trigger's trace context (traceparent of a NATS message, webhook or API call):
+    # `child` makes the run span its child, in the caller's trace; `link` starts the run's
+    # own trace and records the trigger's span as an attribute
+    trigger: Literal["child", "link"] = "child"
+
+
 ROLES = ("viewer", "operator", "approver", "admin")
 Role = Literal["viewer", "operator", "approver", "admin"]
 
@@ -180,9 +193,15 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
     # where people reach Baton, for links in approval notifications; default `url`
     public_url: str | None = None
+    # the Jaeger UI (BATON_JAEGER_URL, e.g. http://localhost:16686): `baton show` links a
+    # run's trace there; like `url` and `token`, only the CLI reads it
+    jaeger_url: str | None = Field(None, pattern=r"^https?://")
     auth: Auth = Auth()
     audit: Audit = Audit()
     log_level: str = "INFO"
+    # json: one JSON object per line (for a log pipeline); console: readable lines.
+    # Unset: json for `baton serve` and `baton worker`, console for `baton dev`
+    log_format: Literal["json", "console"] | None = None
     limits: Limits = Limits()
     # NATS server URLs, comma-separated; none means `baton dev`/`serve` start an
     # embedded nats-server on a loopback port
@@ -191,6 +210,7 @@ class Settings(BaseSettings):
     worker: Worker = Worker()
     approvals: Approvals = Approvals()
     schedules: Schedules = Schedules()
+    tracing: Tracing = Tracing()
     # named days and windows that schedule triggers `exclude` or keep to (`only_within`)
     calendars: dict[str, CalendarSpec] = {}
 

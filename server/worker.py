@@ -39,6 +39,9 @@ from server.bus.tasks import (
 from server.errors import BadRequest, BusError
 from server.runtime.executor import call_handler
 from server.settings import Settings
+from server.telemetry import logs
+from server.telemetry.ids import parse_traceparent, run_trace_id
+from server.telemetry.propagation import handler_span
 
 log = logging.getLogger("baton.worker")
 
@@ -162,7 +165,7 @@ class Worker:
         await settle(msg.ack)
         beating = asyncio.create_task(self._heartbeats(queue, task))
         try:
-            output, error = await self._call(task)
+            output, error = await self._call(task, (getattr(msg, "headers", None) or {}).get("traceparent"))
         except TimeoutError:
             log.info("task %s passed its deadline; Baton has failed the attempt", task.task_id)
             return
@@ -175,18 +178,23 @@ class Worker:
             result = Result(task.task_id, task.run_id, FAILED, self.name, error=error)
         await self._send(queue, result, retry=True)
 
-    async def _call(self, task: Task) -> tuple[Any, Any]:
-        # the task message's `traceparent` header is the run's trace context: the seam
-        # where a tracing integration makes the handler's spans children of the run
+    async def _call(self, task: Task, parent: str | None = None) -> tuple[Any, Any]:
+        # `parent`: the task message's `traceparent`, the attempt's span in the run's trace;
+        # the handler's own spans and its outgoing calls continue it
+        received = parse_traceparent(parent)
         ctx = Context(
             workflow=task.workflow, version=task.version, workflow_id=task.workflow_id, run_id=task.run_id,
             step_id=task.key, task_id=task.task_id, attempt=task.attempt, idempotency_key=task.task_id,
             compensation=task.compensation, deadline=task.deadline,
+            traceparent=parent if received is not None else None,
         )
-        if task.deadline is None:
-            return await call_handler(self.registry, task.handler, ctx, task.input)
-        async with asyncio.timeout_at(_loop_time(task.deadline)):
-            return await call_handler(self.registry, task.handler, ctx, task.input)
+        # log lines carry the trace the header names, else the one derived from the run id
+        trace_id = received[0] if received is not None else run_trace_id(task.run_id)
+        with handler_span(ctx.traceparent), logs.attempt_context(ctx, trace_id):
+            if task.deadline is None:
+                return await call_handler(self.registry, task.handler, ctx, task.input)
+            async with asyncio.timeout_at(_loop_time(task.deadline)):
+                return await call_handler(self.registry, task.handler, ctx, task.input)
 
     async def _heartbeats(self, queue: str, task: Task) -> None:
         every_s = task.heartbeat_s / HEARTBEATS_PER_INTERVAL

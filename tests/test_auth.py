@@ -66,6 +66,7 @@ EXPECTED_ROLES = {
     "GET /v1/runs": "viewer",
     "GET /v1/runs/{run_id}": "viewer",
     "GET /v1/runs/{run_id}/history": "viewer",
+    "GET /v1/runs/{run_id}/trace": "viewer",
     "POST /v1/runs/{run_id}/signals/{name}": "operator",
     "POST /v1/runs/{run_id}/cancel": "operator",
     "POST /v1/runs/{run_id}/retry": "operator",
@@ -78,6 +79,7 @@ EXPECTED_ROLES = {
     "POST /v1/dead-letters/{id}/replay": "operator",
     "GET /healthz": None,
     "GET /readyz": None,
+    "GET /metrics": None,  # scrapers rarely carry tokens; the server binds to loopback by default
     "POST /hooks/{path}": None,  # authenticated by the hook's own HMAC signature
     "GET /openapi.json": None,
     "GET /docs": None,

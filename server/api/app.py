@@ -22,6 +22,11 @@ def build_api(orch: Orchestrator, settings: Settings) -> web.Application:
         errors.middleware(max_body_bytes),
         auth.middleware(settings.auth, routes.role_of),
     ]
+    provider = getattr(orch, "tracer_provider", None)
+    if provider is not None:  # outermost: the request's span covers everything, refusals included
+        from server.telemetry.http import tracing_middleware
+
+        middlewares.insert(0, tracing_middleware(provider, "0"))
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[routes.ORCH] = orch
     app[SETTINGS] = settings

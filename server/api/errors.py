@@ -35,6 +35,7 @@ from server.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from server.telemetry import logs
 
 log = logging.getLogger("baton.api")
 
@@ -117,6 +118,7 @@ def middleware(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitabl
         if not _SAFE_REQUEST_ID.match(request_id):
             request_id = _new_request_id()
         request[REQUEST_ID_KEY] = request_id
+        logs.bind(request_id=request_id)  # aiohttp runs each request in a task of its own: no reset needed
         try:
             # Refuse before reading a byte; client_max_size still guards chunked bodies.
             if request.content_length is not None and request.content_length > max_body_bytes:

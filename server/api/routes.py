@@ -19,6 +19,7 @@ from server.api.table import Param, Route
 from server.api.errors import error_response
 from server.errors import BadRequest
 from server.runtime.base import Orchestrator
+from server.telemetry.ids import parse_traceparent
 from server.store.base import MAX_ID, parse_id
 
 ORCH = web.AppKey("orch", Orchestrator)
@@ -41,9 +42,26 @@ async def start_run(request: web.Request) -> web.Response:
     body = schemas.parse_body(schemas.StartRun, await request.read())
     run, created = await _orch(request).start_run(
         request.match_info["name"], body.input, workflow_id=body.workflow_id, version=body.version,
-        by=caller_name(request),
+        by=caller_name(request), event=caller_trace(request),
     )
     return json_response(run, status=201 if created else 200)
+
+
+def caller_trace(request: web.Request) -> dict[str, str] | None:
+    """The caller's W3C trace context, kept as the run's `event` so the run joins that trace:
+    the API request's own span when requests are traced, else the `traceparent` header."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        return {"traceparent": f"00-{span.trace_id:032x}-{span.span_id:016x}-{int(span.trace_flags):02x}"}
+    header = request.headers.get("traceparent", "")
+    if parse_traceparent(header) is None:
+        return None
+    context = {"traceparent": header.strip().lower()}
+    if request.headers.get("tracestate"):
+        context["tracestate"] = request.headers["tracestate"][:512]
+    return context
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -84,6 +102,10 @@ async def history(request: web.Request) -> web.Response:
     if next_after is not None:
         headers[NEXT_AFTER] = str(next_after)
     return web.Response(text=history_csv(events), content_type="text/csv", headers=headers)
+
+
+async def trace(request: web.Request) -> web.Response:
+    return json_response(await _orch(request).trace(request.match_info["run_id"]))
 
 
 def history_csv(events: list[dict[str, Any]]) -> str:
@@ -207,6 +229,9 @@ ROUTES: list[Route] = [
           responses={200: views.RunDetail}, params=(RUN_ID,)),
     Route("GET", "/v1/runs/{run_id}/history", history, "viewer", "Get a run's history (JSON or CSV)", "runs",
           responses={200: (views.HistoryPage, "text/csv")}, params=(RUN_ID, *HISTORY_PARAMS)),
+    Route("GET", "/v1/runs/{run_id}/trace", trace, "viewer",
+          "Get a run's spans, rebuilt from its history (what tracing exports; open spans too)", "runs",
+          responses={200: views.RunTraceView}, params=(RUN_ID,)),
     Route("POST", "/v1/runs/{run_id}/signals/{name}", signal, "operator", "Send a signal to a run", "runs",
           body=schemas.SendSignal, body_required=False, responses={202: views.SignalDelivered, 409: None},
           params=(RUN_ID, SIGNAL)),
@@ -243,10 +268,11 @@ ROUTE_OF = web.AppKey("route_of", dict)
 def all_routes() -> list[Route]:
     """Every endpoint of the API, from every module that serves some (each keeps its own
     `ROUTES` list of `server.api.table.Route`)."""
-    from server.api import approvals, audit, export, hooks, openapi, schedules  # imported here: feature modules import this one
+    # imported here: feature modules import this one
+    from server.api import approvals, audit, export, hooks, metrics, openapi, schedules
 
     return [*ROUTES, *hooks.ROUTES, *openapi.ROUTES, *audit.ROUTES, *export.ROUTES, *approvals.ROUTES,
-            *schedules.ROUTES]
+            *schedules.ROUTES, *metrics.ROUTES]
 
 
 def add_routes(app: web.Application) -> None:

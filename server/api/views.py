@@ -100,6 +100,8 @@ class RunDetail(RunSummary):
     error: RunFailure | None
     waiting_for: list[str] = Field(description="Signals a step of the run waits for now")
     steps: list[StepView] = Field(description="In start order")
+    trace_id: str = Field(pattern=r"^[0-9a-f]{32}$",
+                          description="The W3C trace id of the run's spans: its trigger's trace, else derived from the run id")
 
 
 class RunPage(_View):
@@ -126,6 +128,34 @@ class SignalDelivered(_View):
     run_id: str
     signal: str
     delivered: Literal[True]
+
+
+class SpanEvent(_View):
+    name: str = Field(description="`retry scheduled`, `timeout`, `signal received`, `approval decided`, `exception`, ...")
+    at: Timestamp
+    attributes: dict[str, Any]
+
+
+class Span(_View):
+    """One span of a run, as Baton exports it over OTLP (server/telemetry/trace.py)."""
+
+    span_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    parent_id: str | None = Field(description="Null for a run span no trigger's trace context came with")
+    name: str = Field(description="`run <workflow>`, `step <id>`, `compensate <id>`, `signal <name>`, `sleep <id>`, `approval <id>`")
+    kind: Literal["internal", "producer"] = Field(description="`producer` for a step sent to a remote queue")
+    start: Timestamp
+    end: Timestamp | None = Field(description="Null while the span is open (the run is still at it)")
+    duration_s: float | None
+    status: Literal["ok", "error", "unset"]
+    message: str | None = Field(description="The error, for status `error`")
+    attributes: dict[str, Any] = Field(description="`baton.run.id`, `baton.step.attempt`, `baton.outcome`, ...")
+    events: list[SpanEvent]
+
+
+class RunTraceView(_View):
+    run_id: str
+    trace_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    spans: list[Span] = Field(description="By start time; the tree is in `parent_id`")
 
 
 # --- workflows --------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -29,6 +28,7 @@ from server.engine.commands import ExecuteTask
 from server.engine.events import Event
 from server.errors import BadRequest, BatonError, BusError, RunNotFound
 from server.runtime.clock import Clock
+from server.telemetry.ids import task_span_id, traceparent
 from server.runtime.executor import RunInfo
 
 log = logging.getLogger("baton.remote")
@@ -52,14 +52,10 @@ class _Sent:
 
 
 class RemoteTasks:
-    def __init__(self, bus: Bus, runtime: Reporter, clock: Clock, *,
-                 traceparent: Callable[[str], str] | None = None) -> None:
+    def __init__(self, bus: Bus, runtime: Reporter, clock: Clock) -> None:
         self.bus = bus
         self.runtime = runtime
         self.clock = clock
-        # W3C trace context of a run (server.runtime.lifecycle.run_traceparent), passed
-        # to workers in the `traceparent` header so their spans join the run's trace
-        self.traceparent = traceparent
         self._sent: dict[str, _Sent] = {}  # attempts in flight on a queue, by task id
         self._chores: set[asyncio.Task] = set()  # cancel notices on their way
         self._consumer: asyncio.Task | None = None
@@ -92,7 +88,10 @@ class RemoteTasks:
         deadline = self.clock.now() + cmd.timeout_s if cmd.timeout_s is not None else None
         body = encode_task(cmd, run_id=run.run_id, workflow=run.workflow, version=run.version,
                            workflow_id=run.workflow_id, deadline=deadline)
-        headers = {"traceparent": self.traceparent(run.run_id)} if self.traceparent else None
+        if run.trace_id is not None:  # the worker continues the attempt's span
+            headers: dict[str, str] | None = {"traceparent": traceparent(run.trace_id, task_span_id(cmd.task_id))}
+        else:  # tracing off: still the run's trace, so the worker's log lines carry it
+            headers = {"traceparent": traceparent(run.log_trace_id, task_span_id(cmd.task_id))}
         delay = RETRY_S
         while True:
             try:

@@ -162,7 +162,8 @@ def _closed_data(state: RunState, closed: ApprovalClosed) -> dict[str, Any]:
 def _event_row(state: RunState, what: str, data: dict[str, Any], at: float) -> OutboxRow:
     # one id per request and outcome: a re-publish after a crash is dropped by the stream
     id_ = f"{data['id']}:{what}"
-    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id), "Baton-Run-Id": state.run_id})
+    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id, state.event, state.attempt),
+                            "Baton-Run-Id": state.run_id})
     return OutboxRow(None, f"baton.approval.{what}", id_, headers, make_event(f"baton.approval.{what}", id_,
                                                                                state.run_id, data, at))
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 class Orchestrator(Protocol):
     webhooks: Any  # the webhook receiver (server/triggers/webhooks.py), None when none is configured
+    metrics: Any  # Prometheus metrics (server/telemetry/metrics.py)
     scheduler: Any  # cron and interval triggers (server/triggers/scheduler.py), None when not wired
 
     @property
@@ -73,6 +74,10 @@ class Orchestrator(Protocol):
     ) -> tuple[list[dict[str, Any]], str | None]: ...
 
     async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    async def trace(self, run_id: str) -> dict[str, Any]:
+        """The run's spans rebuilt from its history, open ones with `end` null:
+        {"run_id", "trace_id", "spans": [...]}; RunNotFound for an unknown run."""
 
     async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Events that could not start a run, newest first:

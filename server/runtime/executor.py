@@ -16,6 +16,9 @@ from handlers.context import Context, error_type_name
 from server.engine.commands import ExecuteTask
 from server.engine.events import ErrorInfo, Event, TaskFailed, TaskSucceeded
 from server.runtime.clock import Clock
+from server.telemetry import logs
+from server.telemetry.ids import run_trace_id, task_span_id, traceparent
+from server.telemetry.propagation import handler_span
 
 log = logging.getLogger("baton.executor")
 
@@ -23,10 +26,19 @@ log = logging.getLogger("baton.executor")
 class RunInfo:
     """What a handler's Context needs to know about its run."""
 
-    __slots__ = ("run_id", "workflow", "version", "workflow_id")
+    __slots__ = ("run_id", "workflow", "version", "workflow_id", "trace_id", "event")
 
-    def __init__(self, run_id: str, workflow: str, version: str, workflow_id: str | None) -> None:
+    def __init__(self, run_id: str, workflow: str, version: str, workflow_id: str | None,
+                 trace_id: str | None = None, event: Any = None) -> None:
         self.run_id, self.workflow, self.version, self.workflow_id = run_id, workflow, version, workflow_id
+        self.trace_id = trace_id  # the run's trace (server/telemetry/ids.py); None when tracing is off
+        self.event = event  # the run's trigger event: its `traceparent` names the trace of log lines
+
+    @property
+    def log_trace_id(self) -> str:
+        """The trace id a step's log lines carry: the run's spans', or without tracing the
+        one they would have (derived when a line is logged, not for every dispatch)."""
+        return self.trace_id if self.trace_id is not None else run_trace_id(self.run_id, self.event)
 
 
 class Executor:
@@ -39,6 +51,7 @@ class Executor:
         self._per_workflow: dict[str, asyncio.Semaphore] = {}
         self._per_workflow_limit = max_tasks_per_workflow
         self._running: dict[str, asyncio.Task] = {}
+        self.running = 0  # attempts holding their slots; the rest of len(self) wait for one (metrics)
 
     def __len__(self) -> int:
         return len(self._running)
@@ -72,17 +85,24 @@ class Executor:
         if sem is None:
             sem = self._per_workflow[run.workflow] = asyncio.Semaphore(self._per_workflow_limit)
         async with self._global, sem:
-            event = await self._attempt(cmd, run)
+            self.running += 1
+            try:
+                event = await self._attempt(cmd, run)
+            finally:
+                self.running -= 1
         self._report(run.run_id, event)
 
     async def _attempt(self, cmd: ExecuteTask, run: RunInfo) -> Event:
+        parent = None if run.trace_id is None else traceparent(run.trace_id, task_span_id(cmd.task_id))
         ctx = Context(
             workflow=run.workflow, version=run.version, workflow_id=run.workflow_id, run_id=run.run_id,
             step_id=cmd.key, task_id=cmd.task_id, attempt=cmd.attempt, idempotency_key=cmd.task_id,
             compensation=cmd.compensation,
             deadline=self._clock.now() + cmd.timeout_s if cmd.timeout_s is not None else None,
+            traceparent=parent,
         )
-        output, error = await call_handler(self._registry, cmd.handler, ctx, cmd.input)
+        with handler_span(parent), logs.attempt_context(ctx, run.log_trace_id):
+            output, error = await call_handler(self._registry, cmd.handler, ctx, cmd.input)
         if error is not None:
             return TaskFailed(cmd.task_id, self._clock.now(), error, self._clock.jitter())
         return TaskSucceeded(cmd.task_id, self._clock.now(), output)

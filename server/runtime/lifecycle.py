@@ -14,7 +14,6 @@ stream's Nats-Msg-Id dedupe drops the copy.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any
 
@@ -25,6 +24,7 @@ from server.engine.commands import Command, RunFinished
 from server.engine.events import Event, RetryRequested, Start
 from server.engine.state import CANCELLED, FAILED, QUEUED, SKIPPED, SUCCEEDED, RunState
 from server.store.base import OutboxRow
+from server.telemetry.ids import run_span_id, run_trace_id, traceparent
 
 STEP_ENDS = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # a subject token may not hold `.`, `*`, `>` or spaces
@@ -34,11 +34,11 @@ def token(name: str) -> str:
     return _UNSAFE.sub("_", name) or "_"
 
 
-def run_traceparent(run_id: str) -> str:
-    """The run's W3C trace context (trace-context §3.2), derived from its id, so every
-    process and every restart agrees on the run's trace without storing it."""
-    digest = hashlib.sha256(run_id.encode()).hexdigest()
-    return f"00-{digest[:32]}-{digest[32:48]}-01"
+def run_traceparent(run_id: str, event: Any = None, attempt: int = 1) -> str:
+    """The W3C trace context (trace-context §3.2) of a run attempt's span: in the run's
+    trace (its trigger's, or one derived from its id: server/telemetry/ids.py), so every
+    process and every restart agrees on it without storing more."""
+    return traceparent(run_trace_id(run_id, event), run_span_id(run_id, max(attempt, 1)))
 
 
 def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> list[OutboxRow]:
@@ -63,7 +63,8 @@ def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> li
             events.append(_run_event(state, cmd.status, event.at, {"output": cmd.output, "error": cmd.error}))
     if not events:
         return []
-    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id), "Baton-Run-Id": state.run_id})
+    headers = orjson.dumps({"traceparent": run_traceparent(state.run_id, state.event, state.attempt),
+                            "Baton-Run-Id": state.run_id})
     return [OutboxRow(None, subject, id_, headers, body) for subject, id_, body in events]
 
 

@@ -50,13 +50,17 @@ from server.errors import (
 from server.runtime import export
 from server.runtime.audit import SYSTEM, audit_row, list_audit
 from server.runtime.clock import Clock, SystemClock, iso
+from server.telemetry.ids import run_trace_id
+from server.telemetry.trace import RunTrace, SpanRecord
 from server.runtime.approvals import ApprovalLinks, approval_changes, approval_view, attempt_of, closed_error
 from server.runtime.executor import Executor, RunInfo
 from server.runtime.lifecycle import lifecycle_rows
 from server.runtime.persist import history_rows, load_state, run_row, step_rows
 from server.runtime.timers import Timers
+from server.telemetry.metrics import Metrics
 from server.settings import Limits
-from server.store.base import TERMINAL, Batch, DeadLetterRow, DefinitionRow, RunRow, StepRow, Store, TimerRow, parse_id
+from server.store.base import (TERMINAL, Batch, DeadLetterRow, DefinitionRow, HistoryRow, RunRow, StepRow, Store,
+                               TimerRow, parse_id)
 
 log = logging.getLogger("baton.runtime")
 
@@ -113,6 +117,8 @@ class Runtime:
                                  max_tasks=limits.max_concurrent_tasks,
                                  max_tasks_per_workflow=limits.max_concurrent_tasks_per_workflow)
         self.timers = Timers(store, self.clock, self._timer_fired)
+        # Prometheus metrics (telemetry/metrics.py): the pump hands it what each commit decided
+        self.metrics = Metrics(self)
         # Set by the wiring (server/app.py) when NATS is on:
         # remote: runs the steps that name a `queue` (submit(cmd, run_info), cancel(task_id))
         self.remote: Any = None
@@ -136,6 +142,11 @@ class Runtime:
         self.scheduler: Any = None
         # told the run id of each run whose end was just committed (the scheduler's overlap queue)
         self.run_finished: list[Callable[[str], None]] = []
+        # run_spans (telemetry/tracing.py): handed each commit's history rows, per run, to make
+        # spans of; None when tracing is off
+        self.run_spans: Any = None
+        # tracer_provider: the OpenTelemetry provider, for API request spans; None when tracing is off
+        self.tracer_provider: Any = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -167,6 +178,7 @@ class Runtime:
                     "version": loaded.model.version, "def_hash": loaded.def_hash, "file": loaded.path}))
         if new.definitions:
             await self.store.commit(new)
+        await self.metrics.load(self.store, self._graph)  # open runs and waits, before the pump moves them
         self._pump_task = asyncio.create_task(self._pump(), name="baton-pump")
         recovered = await self._recover()
         await self.timers.start()
@@ -339,6 +351,28 @@ class Runtime:
         rows = await self.store.history(run_id, after_seq=after_seq, limit=limit)
         return [{"seq": r.seq, "at": iso(r.at), "type": r.type, "key": r.key, "data": orjson.loads(r.data)} for r in rows]
 
+    async def trace(self, run_id: str) -> dict[str, Any]:
+        """The run's spans as its history describes them (server/telemetry/trace.py): what
+        the tracing exporter sends, rebuilt from Baton's own records; open spans have no end."""
+        row = await self.store.get_run(run_id)
+        if row is None:
+            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        graph = await self._graph(row.def_hash)
+        data = orjson.loads(row.data)
+        trace = RunTrace(run_id, graph, workflow=row.workflow, version=row.version, workflow_id=row.workflow_id,
+                         event=data.get("event"), link_trigger=getattr(self.run_spans, "link_trigger", False))
+        spans: list[SpanRecord] = []
+        after = 0
+        while True:
+            page = await self.store.history(run_id, after_seq=after, limit=1000)
+            if not page:
+                break
+            spans += trace.feed([(r.seq, r.at, r.type, r.key, orjson.loads(r.data)) for r in page])
+            after = page[-1].seq
+        spans += trace.open_spans()
+        spans.sort(key=lambda sp: (sp.start, sp.span_id))
+        return {"run_id": run_id, "trace_id": trace.trace_id, "spans": [_span_view(sp) for sp in spans]}
+
     async def wait(self, run_id: str, timeout_s: float) -> dict[str, Any]:
         # Register before reading: a run that finishes while the read is in flight
         # resolves this future instead of being missed (a lost wake-up otherwise).
@@ -453,6 +487,10 @@ class Runtime:
     def _timer_fired(self, run_id: str, timer_id: str) -> None:
         self._submit_internal(run_id, TimerFired(timer_id, self.clock.now(), self.clock.jitter()))
 
+    def inbox_depth(self) -> int:
+        """Events waiting for the pump (a metric)."""
+        return self._inbox.qsize()
+
     async def _pump(self) -> None:
         while True:
             items = [await self._inbox.get()]
@@ -481,6 +519,7 @@ class Runtime:
         touched: dict[str, RunState] = {}
         requested: list[dict[str, Any]] = []  # approval requests opened by this batch
         timer_ops: dict[tuple[str, str], float | None] = {}
+        facts: list[Any] = []  # what each decision leaves for the metrics, counted once committed
         loaded = await self._load_states([i.run_id for i in items if i.new_state is None and i.run_id not in self._cache])
         for item in items:
             try:
@@ -506,11 +545,14 @@ class Runtime:
                 self._queue(state, item, batch)
                 touched[state.run_id] = state
                 decided.append((state, [], item))
+                facts.append(self.metrics.queued(state))
                 continue
             if isinstance(item.event, Start):
                 state.queued_start = None
             self._cache[state.run_id] = state  # until the commit: the eviction pass below decides
+            before = self.metrics.before(state, item.event, item.new_state is not None)
             _, commands = decide(state, item.event)
+            facts.append(self.metrics.after(before, state, item.event, commands))
             batch.history += history_rows(state, item.event.at, item.event, commands)
             if self.lifecycle:
                 batch.outbox += lifecycle_rows(state, item.event, commands)
@@ -548,6 +590,13 @@ class Runtime:
                 _fail(item, exc)
             return
         self._store_ok = True
+        self.metrics.committed(facts)
+        if self.run_spans is not None:
+            rows_of: dict[str, list[HistoryRow]] = {}
+            for row in batch.history:
+                rows_of.setdefault(row.run_id, []).append(row)
+            for state in touched.values():
+                self.run_spans.committed(state, rows_of.get(state.run_id, []))
         if batch.outbox and self.outbox_written is not None:
             self.outbox_written()
         if requested and self.approval_requested is not None:
@@ -565,7 +614,9 @@ class Runtime:
             if isinstance(cmd, ExecuteTask):
                 if self._draining:
                     continue  # it stays in flight in the store and starts after the restart
-                run = RunInfo(state.run_id, state.workflow, state.version, state.workflow_id)
+                trace_id = (run_trace_id(state.run_id, state.event, follow_trigger=not self.run_spans.link_trigger)
+                            if self.run_spans is not None else None)
+                run = RunInfo(state.run_id, state.workflow, state.version, state.workflow_id, trace_id, state.event)
                 if cmd.queue is None:
                     self.executor.submit(cmd, run)
                 elif self.remote is not None:
@@ -715,6 +766,10 @@ class Runtime:
         graph = await self._graph(row.def_hash)
         return load_state(row, await self.store.get_steps(run_id), graph)
 
+    async def graph_of(self, def_hash: str) -> CompiledWorkflow:
+        """A definition by hash (a run's own version), loaded from the store if not in the catalog."""
+        return await self._graph(def_hash)
+
     async def _graph(self, def_hash: str) -> CompiledWorkflow:
         graph = self._graphs.get(def_hash)
         if graph is None:  # a run pinned to a version no longer in the files
@@ -829,6 +884,8 @@ def _detail(row: RunRow, state: RunState) -> dict[str, Any]:
         **_summary_row(row), "input": state.input, "output": state.output, "error": state.error,
         "waiting_for": sorted(state.signals) + [f"approval:{key}" for key, _ in pending_approvals(state)],
         "steps": steps,
+        # the trace its spans are in (exported or not): the trigger's, else one derived from the run id
+        "trace_id": run_trace_id(state.run_id, state.event),
     }
 
 
@@ -845,3 +902,10 @@ def _dead_letter_view(row: DeadLetterRow) -> dict[str, Any]:
     return {"id": row.id, "at": iso(row.at), "subject": row.subject, "event_key": row.event_key,
             "workflow": row.workflow, "error": row.error, "headers": orjson.loads(row.headers), "data": data,
             "replayed_at": iso(row.replayed_at), "replay_run": row.replay_run}
+
+
+def _span_view(span: SpanRecord) -> dict[str, Any]:
+    return {"span_id": span.span_id, "parent_id": span.parent_id, "name": span.name, "kind": span.kind,
+            "start": iso(span.start), "end": iso(span.end), "duration_s": None if span.end is None else round(span.end - span.start, 6),
+            "status": span.status, "message": span.message, "attributes": span.attributes,
+            "events": [{"name": name, "at": iso(at), "attributes": attrs} for name, at, attrs in span.events]}

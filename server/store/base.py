@@ -359,5 +359,11 @@ class Store(Protocol):
     async def list_schedule_fires(self, schedule: str, *, limit: int = 50, before_id: int | None = None) -> list[ScheduleFireRow]:
         """A schedule's fire records, newest first (by id); `before_id` pages backwards."""
 
+    async def open_run_counts(self) -> list[tuple[str, str, int]]:
+        """(workflow, status, count) of the open runs (the metrics' gauges, read once at start)."""
+
+    async def waiting_step_counts(self) -> list[tuple[str, str, int]]:
+        """(def_hash, step_id, count) of the waiting steps of open runs (read once at start)."""
+
     async def integrity_check(self) -> str:
         """"ok" when the database is healthy, else the problems found."""

@@ -38,6 +38,7 @@ import binascii
 import importlib.resources
 import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -446,6 +447,8 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Pending | object] | None = None
         self._writer: asyncio.Task[None] | None = None
+        # told (batches, seconds) of each group committed in one transaction (metrics)
+        self.on_group: Callable[[int, float], None] | None = None
 
     # -- lifetime --
 
@@ -532,6 +535,7 @@ class SQLiteStore:
     async def _write_group(self, pending: list[_Pending]) -> None:
         self.stats.groups += 1
         self.stats.largest_group = max(self.stats.largest_group, len(pending))
+        started = time.perf_counter()
         try:
             await self._transaction(p.item for p in pending)
         except Exception as exc:
@@ -547,6 +551,8 @@ class SQLiteStore:
                 else:
                     self._succeeded([p])
         else:
+            if self.on_group is not None:
+                self.on_group(len(pending), time.perf_counter() - started)
             self._succeeded(pending)
 
     async def _transaction(self, items: Iterable[Batch | DefinitionRow]) -> None:
@@ -669,6 +675,23 @@ class SQLiteStore:
     async def count_timers(self) -> int:
         ((count,),) = await self._fetch("SELECT count(*) FROM timers")
         return count
+
+    # Both read the open runs only, through the partial index runs_open, then their steps
+    # (CROSS JOIN keeps that order): without statistics the planner would rather scan every
+    # run, or every step ever written, to spare itself a sort.
+    async def open_run_counts(self) -> list[tuple[str, str, int]]:
+        """(workflow, status, count) of the runs not finished (read once at start, for metrics)."""
+        sql = (f"SELECT workflow, status, count(*) FROM runs INDEXED BY runs_open WHERE status NOT IN ({_TERMINAL_SQL})"
+               " GROUP BY workflow, status")
+        return [tuple(row) for row in await self._fetch(sql)]
+
+    async def waiting_step_counts(self) -> list[tuple[str, str, int]]:
+        """(def_hash, step_id, count) of the steps waiting (for a signal, an approval, a time)
+        in runs not finished (read once at start, for metrics)."""
+        sql = ("SELECT r.def_hash, s.step_id, count(*) FROM runs r INDEXED BY runs_open"
+               f" CROSS JOIN steps s ON s.run_id = r.run_id WHERE r.status NOT IN ({_TERMINAL_SQL})"
+               " AND s.status = 'waiting' GROUP BY r.def_hash, s.step_id")
+        return [tuple(row) for row in await self._fetch(sql)]
 
     async def get_definition(self, def_hash: str) -> DefinitionRow | None:
         sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions WHERE def_hash = ?"

@@ -120,6 +120,15 @@ class EventTriggers:
         self._task = asyncio.create_task(self._fetch_loop(), name="baton-event-triggers")
         log.info("event triggers: %d on %s (stream %s)", len(self.triggers), ", ".join(self.subjects), self.stream)
 
+    async def consumer_lag(self) -> tuple[int, int] | None:
+        """(events in the stream not yet delivered to us, delivered but not acknowledged);
+        None when not consuming (no event triggers)."""
+        if self._sub is None:
+            return None
+        with mapped(f"cannot read consumer {CONSUMER} on {self.stream}"):
+            info = await self.bus.js.consumer_info(self.stream, CONSUMER)
+        return info.num_pending or 0, info.num_ack_pending or 0
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -159,6 +168,8 @@ class EventTriggers:
 
     async def _handle(self, msg: Any) -> None:
         self.stats["received"] += 1
+        if msg.metadata and msg.metadata.num_delivered > 1:
+            self.runtime.metrics.event_redeliveries.inc()
         try:
             await self._process(msg)
         except AtCapacity:
@@ -202,6 +213,7 @@ class EventTriggers:
 
     async def _commit(self, batch: Batch) -> None:
         await self.store.commit(batch)
+        self.runtime.metrics.dead_lettered(batch.dead_letters)
         if batch.outbox and self.runtime.outbox_written is not None:
             self.runtime.outbox_written()  # dead letters go out through the outbox
 

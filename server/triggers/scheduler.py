@@ -343,6 +343,7 @@ class Scheduler:
         batch.schedule_fires_pruned.append((row.name, self.keep_fires))
         await self.store.commit(batch)
         self._rows[row.name] = row
+        self.runtime.metrics.schedule_fired(batch.schedule_fires)
 
     # ------------------------------------------------------------ operations
 

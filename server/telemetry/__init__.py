@@ -1,0 +1,1 @@
+"""Telemetry: OpenTelemetry traces of runs, Prometheus metrics, structured logs."""
