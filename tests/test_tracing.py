@@ -264,3 +264,11 @@ def test_the_exporter_follows_otel_exporter_otlp_protocol():
     assert isinstance(make_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}), Http)
     with pytest.raises(ValueError, match="http/json.*not supported"):
         make_exporter({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_probes_scrapes_and_long_polls_get_no_request_span_unless_asked():
+    from server.telemetry.http import excluded_routes
+
+    assert excluded_routes({}) == {"/healthz", "/readyz", "/metrics", "/v1/runs/{run_id}/wait"}
+    assert excluded_routes({"OTEL_PYTHON_EXCLUDED_URLS": "/healthz, /metrics"}) == {"/healthz", "/metrics"}
+    assert excluded_routes({"OTEL_PYTHON_EXCLUDED_URLS": ""}) == frozenset()  # trace every request

@@ -9,7 +9,9 @@ context in, one SERVER span named after the route, its status out.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import propagate
@@ -17,14 +19,30 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Routes with no span by default: probes and scrapes (many, and nothing to see), and the
+# /wait long-poll (its time is the run's, which the run span already shows). The
+# instrumentations' variable, OTEL_PYTHON_EXCLUDED_URLS (comma-separated route
+# templates here), replaces the list; set it empty to trace every request.
+DEFAULT_EXCLUDED = ("/healthz", "/readyz", "/metrics", "/v1/runs/{run_id}/wait")
+
+
+def excluded_routes(environ: Any = os.environ) -> frozenset[str]:
+    value = environ.get("OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS", environ.get("OTEL_PYTHON_EXCLUDED_URLS"))
+    if value is None:
+        return frozenset(DEFAULT_EXCLUDED)
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
 
 def tracing_middleware(provider: TracerProvider, version: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     tracer = provider.get_tracer("baton.api", version)
+    excluded = excluded_routes()
 
     @web.middleware
     async def trace_request(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else None
+        if route in excluded:
+            return await handler(request)
         name = f"{request.method} {route}" if route else request.method
         attributes = {"http.request.method": request.method, "url.path": request.path, "url.scheme": request.scheme}
         if route:

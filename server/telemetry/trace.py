@@ -51,6 +51,7 @@ class SpanRecord:
     events: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
     status: str = UNSET
     message: str | None = None  # the error, for status ERROR
+    key: str | None = None  # the step instance it belongs to (not exported)
 
     def close(self, at: float, status: str = UNSET, message: str | None = None, outcome: str | None = None) -> None:
         self.end = max(at, self.start)
@@ -201,20 +202,21 @@ class RunTrace:
     def _open_attempt(self, at: float, key: str, data: dict[str, Any], *, compensation: bool) -> None:
         task_id = str(data.get("task_id", ""))
         step_id = key.rpartition("/")[2]
+        # the run span carries the workflow's version and workflow_id; a step span what finds
+        # and tells it apart (every attribute costs encoding time on every span)
         attrs = {
-            "baton.workflow.name": self.workflow, "baton.workflow.version": self.version,
-            "baton.run.id": self.run_id, "baton.step.id": step_id, "baton.step.key": key,
+            "baton.workflow.name": self.workflow, "baton.run.id": self.run_id, "baton.step.id": step_id,
             "baton.step.kind": "compensation" if compensation else "task", "baton.task.id": task_id,
             "baton.step.attempt": data.get("attempt"), "baton.handler": data.get("handler"),
         }
-        if self.workflow_id:
-            attrs["baton.workflow_id"] = self.workflow_id
+        if key != step_id:  # inside a map: which item
+            attrs["baton.step.key"] = key
         if data.get("queue"):
             attrs["baton.queue"] = data["queue"]
         name = f"{'compensate' if compensation else 'step'} {step_id}"
         parent = self.run.span_id if compensation else self._parent_of(key, at)
         span = SpanRecord(task_span_id(task_id), parent, name, at, kind="producer" if data.get("queue") else "internal",
-                          attributes=attrs)
+                          attributes=attrs, key=key)
         self.attempts[task_id] = span
         self.current[key] = task_id
 
@@ -231,7 +233,7 @@ class RunTrace:
             span.close(at, ERROR, _message(error), outcome="failed")
         else:
             span.close(at, UNSET, outcome="cancelled")
-        self.last_closed[span.attributes["baton.step.key"]] = span
+        self.last_closed[span.key] = span
         self._extend_containers(span)
         return [span]
 
@@ -245,7 +247,7 @@ class RunTrace:
                 span.events.append(("timeout", at, {}))
                 self.attempts.pop(task_id)
                 span.close(at, ERROR, "timed out", outcome="timed_out")
-                self.last_closed[rest.rpartition(":")[0]] = span
+                self.last_closed[span.key] = span
                 self._extend_containers(span)
                 return [span]
             return []
@@ -261,11 +263,13 @@ class RunTrace:
         step_id = key.rpartition("/")[2]
         name = f"signal {signal}" if kind == "signal" else f"{kind} {step_id}"
         attrs = {"baton.workflow.name": self.workflow, "baton.run.id": self.run_id, "baton.step.id": step_id,
-                 "baton.step.key": key, "baton.step.kind": kind}
+                 "baton.step.kind": kind}
+        if key != step_id:
+            attrs["baton.step.key"] = key
         if signal is not None:
             attrs["baton.signal"] = signal
         span = SpanRecord(span_id(self.run_id, "wait", key, self.attempt, at), self._parent_of(key, at), name, at,
-                          attributes=attrs)
+                          attributes=attrs, key=key)
         self.waits[key] = _Wait(span, kind, key, signal)
 
     def _signal(self, at: float, data: dict[str, Any]) -> list[SpanRecord]:
@@ -310,7 +314,7 @@ class RunTrace:
             step_id = ckey.rpartition("/")[2]
             kind = self.graph.nodes[step_id].kind if step_id in self.graph.nodes else "container"
             span = SpanRecord(span_id(self.run_id, "container", ckey, self.attempt), self._parent_of(ckey, at),
-                              f"step {step_id}", at, attributes={
+                              f"step {step_id}", at, key=ckey, attributes={
                                   "baton.workflow.name": self.workflow, "baton.run.id": self.run_id,
                                   "baton.step.id": step_id, "baton.step.key": ckey, "baton.step.kind": kind})
             self.containers[ckey] = span
@@ -318,7 +322,7 @@ class RunTrace:
 
     def _extend_containers(self, child: SpanRecord) -> None:
         """A container lasts until its last child ends."""
-        key = child.attributes.get("baton.step.key")
+        key = child.key
         while key is not None:
             ckey = self._container_key(key)
             span = self.containers.get(ckey) if ckey is not None else None
