@@ -272,3 +272,17 @@ def test_probes_scrapes_and_long_polls_get_no_request_span_unless_asked():
     assert excluded_routes({}) == {"/healthz", "/readyz", "/metrics", "/v1/runs/{run_id}/wait"}
     assert excluded_routes({"OTEL_PYTHON_EXCLUDED_URLS": "/healthz, /metrics"}) == {"/healthz", "/metrics"}
     assert excluded_routes({"OTEL_PYTHON_EXCLUDED_URLS": ""}) == frozenset()  # trace every request
+
+
+def test_error_texts_on_spans_are_masked_like_log_lines():
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from server.telemetry.trace import SpanRecord
+    from server.telemetry.tracing import to_readable
+
+    record = SpanRecord("a" * 16, None, "step pay", 1.0, 2.0, status="error", message="HttpError: password=hunter22",
+                        events=[("exception", 2.0, {"exception.message": "Bearer abcdefghijkl refused"})])
+    span = to_readable("b" * 32, record, Resource.create({}), InstrumentationScope("t"))
+    assert span.status.description == "HttpError: password=[redacted]"
+    assert span.events[0].attributes["exception.message"] == "Bearer [redacted] refused"

@@ -339,7 +339,10 @@ class Runtime:
         steps = await self.store.get_steps(run_id)
         graph = await self._graph(row.def_hash)
         state = load_state(row, steps, graph)
-        return _detail(row, state)
+        detail = _detail(row, state)
+        if self.run_spans is not None and self.run_spans.link_trigger:  # its spans are in a trace of its own
+            detail["trace_id"] = run_trace_id(run_id, state.event, follow_trigger=False)
+        return detail
 
     async def list_runs(self, **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
         rows, cursor = await self.store.list_runs(**filters)
@@ -590,13 +593,21 @@ class Runtime:
                 _fail(item, exc)
             return
         self._store_ok = True
-        self.metrics.committed(facts)
+        # committed: from here a failure must not stop the dispatch below (the tasks and
+        # timers of committed decisions), so telemetry's own errors are logged and dropped
+        try:
+            self.metrics.committed(facts)
+        except Exception:
+            log.exception("metrics of a committed batch not counted")
         if self.run_spans is not None:
-            rows_of: dict[str, list[HistoryRow]] = {}
-            for row in batch.history:
-                rows_of.setdefault(row.run_id, []).append(row)
-            for state in touched.values():
-                self.run_spans.committed(state, rows_of.get(state.run_id, []))
+            try:
+                rows_of: dict[str, list[HistoryRow]] = {}
+                for row in batch.history:
+                    rows_of.setdefault(row.run_id, []).append(row)
+                for state in touched.values():
+                    self.run_spans.committed(state, rows_of.get(state.run_id, []))
+            except Exception:
+                log.exception("spans of a committed batch not queued")
         if batch.outbox and self.outbox_written is not None:
             self.outbox_written()
         if requested and self.approval_requested is not None:

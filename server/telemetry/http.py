@@ -17,6 +17,8 @@ from aiohttp import web
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
+from server.api.errors import loggable_path
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Routes with no span by default: probes and scrapes (many, and nothing to see), and the
@@ -44,7 +46,9 @@ def tracing_middleware(provider: TracerProvider, version: str) -> Callable[[web.
         if route in excluded:
             return await handler(request)
         name = f"{request.method} {route}" if route else request.method
-        attributes = {"http.request.method": request.method, "url.path": request.path, "url.scheme": request.scheme}
+        # the path with its credentials masked: an approval link's last segment is one
+        attributes = {"http.request.method": request.method, "url.path": loggable_path(request),
+                      "url.scheme": request.scheme}
         if route:
             attributes["http.route"] = route
         with tracer.start_as_current_span(name, context=propagate.extract(request.headers), kind=SpanKind.SERVER,

@@ -82,7 +82,6 @@ class RunTrace:
         self.attempt = 0
         self.run: SpanRecord | None = None
         self.attempts: dict[str, SpanRecord] = {}  # task id -> open attempt span
-        self.current: dict[str, str] = {}  # step key -> task id of its latest attempt
         self.last_closed: dict[str, SpanRecord] = {}  # step key -> its attempt closed most recently
         self.waits: dict[str, _Wait] = {}  # step key -> open wait
         self.containers: dict[str, SpanRecord] = {}  # container key -> its span (open until the run ends)
@@ -218,7 +217,6 @@ class RunTrace:
         span = SpanRecord(task_span_id(task_id), parent, name, at, kind="producer" if data.get("queue") else "internal",
                           attributes=attrs, key=key)
         self.attempts[task_id] = span
-        self.current[key] = task_id
 
     def _close_attempt(self, at: float, type_: str, data: dict[str, Any]) -> list[SpanRecord]:
         span = self.attempts.pop(str(data.get("task_id", "")), None)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from opentelemetry.trace import set_span_in_context
 
 from server.engine.graph import CompiledWorkflow
 from server.store.base import HistoryRow, Store
+from server.telemetry.logs import redact, redact_value
 from server.telemetry.trace import ERROR, OK, RunTrace, SpanRecord
 
 log = logging.getLogger("baton.tracing")
@@ -47,6 +49,8 @@ MAX_OPEN_RUNS = 10_000
 # Commits waiting for the span task; beyond this, spans are dropped (and counted) rather than hold up the pump.
 MAX_QUEUED = 100_000
 HISTORY_PAGE = 1000
+# At shutdown, how long the last spans may take to reach the collector.
+FLUSH_TIMEOUT_S = 5.0
 _KINDS = {"internal": SpanKind.INTERNAL, "producer": SpanKind.PRODUCER, "consumer": SpanKind.CONSUMER}
 
 
@@ -125,12 +129,21 @@ class RunSpans:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="baton-run-spans")
 
-    async def stop(self) -> None:
-        """Turn what is queued into spans, then flush the exporter."""
+    async def stop(self, flush_timeout_s: float | None = None) -> None:
+        """Turn what is queued into spans, then flush the exporter for at most
+        `flush_timeout_s`: an unreachable collector must not hold up shutdown (the batch
+        processor would wait up to 30 s, each export retrying for its own 10 s)."""
         if self._task is not None:
             self._queue.put_nowait(None)
             await self._task
-        await asyncio.to_thread(self.provider.shutdown)
+        # a daemon thread, not the loop's executor: asyncio.run waits for those at exit
+        flusher = threading.Thread(target=self.provider.shutdown, name="baton-span-flush", daemon=True)
+        flusher.start()
+        timeout_s = FLUSH_TIMEOUT_S if flush_timeout_s is None else flush_timeout_s
+        waited = await asyncio.to_thread(_joined, flusher, timeout_s)
+        if not waited:
+            log.warning("spans not exported within %.0f s of shutdown (is the OTLP collector reachable?)",
+                        timeout_s)
 
     def committed(self, state: Any, rows: list[HistoryRow]) -> None:
         """Called by the pump after a commit, for each run it wrote history for."""
@@ -158,6 +171,7 @@ class RunSpans:
         if trace is None or trace.seq != rows[0][0] - 1:
             trace = await self._rebuild(item, rows[0][0])
         closed = trace.feed(rows)
+        sampled = bool(closed) and self._is_sampled(trace)  # before the run's entry may be dropped below
         if trace.run is None and not trace.open_spans():
             self._sampled.pop(item.run_id, None)  # the run ended: nothing more will come
         else:
@@ -165,7 +179,7 @@ class RunSpans:
             while len(self._traces) > MAX_OPEN_RUNS:
                 old, _ = self._traces.popitem(last=False)
                 self._sampled.pop(old, None)
-        if closed and self._is_sampled(trace):
+        if sampled:
             for record in closed:
                 self.processor.on_end(self.readable(trace, record))
             self.exported += len(closed)
@@ -194,7 +208,7 @@ class RunSpans:
         sampled = self._sampled.get(trace.run_id)
         if sampled is None:
             parent = None
-            if trace.trigger_span is not None:
+            if trace.trigger_span is not None and not trace.link_trigger:  # linked: the run's trace is a root
                 ctx = SpanContext(int(trace.trace_id, 16), int(trace.trigger_span, 16), is_remote=True,
                                   trace_flags=TraceFlags(TraceFlags.SAMPLED))
                 parent = set_span_in_context(NonRecordingSpan(ctx))
@@ -206,13 +220,18 @@ class RunSpans:
         return to_readable(trace.trace_id, record, self.provider.resource, self._scope)
 
 
+def _joined(thread: threading.Thread, timeout_s: float) -> bool:
+    thread.join(timeout_s)
+    return not thread.is_alive()
+
+
 def to_readable(trace_id: str, record: SpanRecord, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     flags = TraceFlags(TraceFlags.SAMPLED)
     context = SpanContext(int(trace_id, 16), int(record.span_id, 16), is_remote=False, trace_flags=flags)
     parent = (SpanContext(int(trace_id, 16), int(record.parent_id, 16), is_remote=False, trace_flags=flags)
               if record.parent_id else None)
-    if record.status == ERROR:
-        status = Status(StatusCode.ERROR, record.message)
+    if record.status == ERROR:  # error texts come from handlers: masked as the logs mask them
+        status = Status(StatusCode.ERROR, redact(record.message) if record.message else None)
     elif record.status == OK:
         status = Status(StatusCode.OK)
     else:
@@ -221,7 +240,7 @@ def to_readable(trace_id: str, record: SpanRecord, resource: Resource, scope: In
     return ReadableSpan(
         name=record.name, context=context, parent=parent, resource=resource,
         attributes=_attrs(record.attributes),
-        events=[SpanEvent(name, _attrs(attrs), int(at * 1e9)) for name, at, attrs in record.events],
+        events=[SpanEvent(name, _attrs(redact_value(attrs)), int(at * 1e9)) for name, at, attrs in record.events],
         kind=_KINDS.get(record.kind, SpanKind.INTERNAL), status=status,
         start_time=int(record.start * 1e9), end_time=int(end * 1e9), instrumentation_scope=scope,
     )
