@@ -20,6 +20,7 @@ import asyncio
 import sqlite3
 import time
 from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,33 +234,66 @@ class HeldStore(SQLiteStore):
         return rows
 
 
-async def test_timers_armed_or_disarmed_while_a_refill_reads_are_neither_lost_nor_revived(tmp_path):
+@dataclass
+class Held:
+    """A timer heap (not started) on a HeldStore and a manual clock; `fired` lists run ids."""
+
+    store: HeldStore
+    clock: ManualClock
+    timers: Timers
+    fired: list[str]
+
+
+@pytest.fixture
+async def held(tmp_path: Path):
     store = HeldStore(tmp_path / "held.db")
     await store.open()
-    clock = ManualClock(START)
     fired: list[str] = []
+    clock = ManualClock(START)
     timers = Timers(store, clock, lambda run_id, timer_id: fired.append(run_id))
     try:
-        await timers.start()
-        later = START + DAY_S
-        await store.commit(Batch(timers_set=[TimerRow("cancelled", "sleep:a", later + 5)]))  # far: store only
-        store.hold = asyncio.Event()
-        clock.advance(DAY_S)  # the refill's snapshot holds "cancelled"
-        await asyncio.wait_for(store.held.wait(), BOUND_S)
-        await store.commit(Batch(timers_deleted=[("cancelled", "sleep:a")],
-                                 timers_set=[TimerRow("new", "retry:a", later + 10)]))
-        timers.disarm("cancelled", "sleep:a")
-        timers.arm("new", "retry:a", later + 10)  # beyond the old horizon, and not in the snapshot
-        store.hold.set()
-        store.hold = None
-        await asleep_until(clock, later + 10)  # "new" is in memory, not left for the next refill
-        clock.advance(10)
-        await eventually(_async(lambda: fired == ["new"]), "the timer armed during the refill")
-        await asleep_until(clock, clock.now() + HORIZON_S / 2 - 10)  # idle; "cancelled" never came back
-        assert fired == ["new"]
+        yield Held(store, clock, timers, fired)
     finally:
         await timers.stop()
         await store.close()
+
+
+async def test_timers_armed_or_disarmed_while_a_refill_reads_are_neither_lost_nor_revived(held):
+    store, clock, timers, fired = held.store, held.clock, held.timers, held.fired
+    await timers.start()
+    later = START + DAY_S
+    await store.commit(Batch(timers_set=[TimerRow("cancelled", "sleep:a", later + 5)]))  # far: store only
+    store.hold = asyncio.Event()
+    clock.advance(DAY_S)  # the refill's snapshot holds "cancelled"
+    await asyncio.wait_for(store.held.wait(), BOUND_S)
+    await store.commit(Batch(timers_deleted=[("cancelled", "sleep:a")],
+                             timers_set=[TimerRow("new", "retry:a", later + 10)]))
+    timers.disarm("cancelled", "sleep:a")
+    timers.arm("new", "retry:a", later + 10)  # beyond the old horizon, and not in the snapshot
+    store.hold.set()
+    store.hold = None
+    await asleep_until(clock, later + 10)  # "new" is in memory, not left for the next refill
+    clock.advance(10)
+    await eventually(_async(lambda: fired == ["new"]), "the timer armed during the refill")
+    await asleep_until(clock, clock.now() + HORIZON_S / 2 - 10)  # idle; "cancelled" never came back
+    assert fired == ["new"]
+
+
+async def test_a_firing_settled_during_a_refill_is_not_fired_again(held):
+    store, clock, timers, fired = held.store, held.clock, held.timers, held.fired
+    await store.commit(Batch(timers_set=[TimerRow("r1", "sleep:a", START + 10)]))
+    await timers.start()
+    clock.advance(10)
+    await eventually(_async(lambda: fired == ["r1"]), "the firing")
+    store.hold = asyncio.Event()
+    clock.set(START + HORIZON_S / 2)  # the next refill reads r1's row: not deleted yet
+    await asyncio.wait_for(store.held.wait(), BOUND_S)
+    await store.commit(Batch(timers_deleted=[("r1", "sleep:a")]))  # the runtime commits the firing
+    timers.settled([("r1", "sleep:a")])
+    store.hold.set()
+    store.hold = None
+    await asleep_until(clock, clock.now() + HORIZON_S / 2)
+    assert fired == ["r1"]
 
 
 # --- the runtime in process, on a manual clock -------------------------------------------------

@@ -5,24 +5,17 @@
   as the run it has, and `overlap` sees that run (no second run beside it).
 * `overlap: queue` starts the held fires in order: a fire due once the previous run
   has ended still waits behind the fires queued before it.
-* A firing settled while a refill is reading is not fired again from the refill's
-  stale snapshot.
 * Fire records page like every other list: no cursor after the last page.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from server.errors import StoreError
-from server.runtime import timers as timers_module
 from server.runtime.clock import ManualClock
-from server.runtime.timers import Timers
-from server.store.base import Batch, TimerRow
 from tests.inproc import call, eventually, runtime_of
-from tests.test_durable_timers import BOUND_S, START, HeldStore, _async, asleep_until
+from tests.test_durable_timers import _async
 from tests.test_scheduler import (
     WAITS_FOR_SIGNAL, at, fires, fires_reaching, make_settings, serving, settled, step_to, workflow,
 )
@@ -82,31 +75,6 @@ async def test_overlap_queue_starts_held_fires_before_a_later_one(tmp_path):
         assert (await call(client, "GET", "/v1/schedules/hold"))["queued"] == 1
         runs = (await call(client, "GET", "/v1/runs?workflow=hold&status=running"))["runs"]
         assert len(runs) == 1
-
-
-async def test_a_firing_settled_during_a_refill_is_not_fired_again(tmp_path):
-    store = HeldStore(tmp_path / "held.db")
-    await store.open()
-    clock = ManualClock(START)
-    fired: list[str] = []
-    timers = Timers(store, clock, lambda run_id, timer_id: fired.append(run_id))
-    try:
-        await store.commit(Batch(timers_set=[TimerRow("r1", "sleep:a", START + 10)]))
-        await timers.start()
-        clock.advance(10)
-        await eventually(_async(lambda: fired == ["r1"]), "the firing")
-        store.hold = asyncio.Event()
-        clock.set(START + timers_module.HORIZON_S / 2)  # the next refill reads r1's row: not deleted yet
-        await asyncio.wait_for(store.held.wait(), BOUND_S)
-        await store.commit(Batch(timers_deleted=[("r1", "sleep:a")]))  # the runtime commits the firing
-        timers.settled([("r1", "sleep:a")])
-        store.hold.set()
-        store.hold = None
-        await asleep_until(clock, clock.now() + timers_module.HORIZON_S / 2)
-        assert fired == ["r1"]
-    finally:
-        await timers.stop()
-        await store.close()
 
 
 @pytest.mark.parametrize("count, pages", [(3, [3]), (4, [3, 1])])

@@ -613,32 +613,24 @@ class SQLiteStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[RunRow], str | None]:
+        return await self._page(RunRow, "runs", _RUN_COLUMNS, ("created_at", "run_id"), limit, cursor, (
+            ("workflow = ?", workflow), ("status = ?", status), ("workflow_id = ?", workflow_id),
+            ("created_at >= ?", since), ("created_at < ?", until),
+        ))
+
+    async def _page(self, row_type: Callable[..., Any], table: str, columns: str, key: tuple[str, str], limit: int,
+                    cursor: str | None, terms: tuple[tuple[str, Any], ...]) -> tuple[list[Any], str | None]:
+        """A keyset page, newest first by `key` (a time and an id), with the cursor of the next."""
         if limit < 1:
             raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
-        where, params = [], []
-        for term, value in (
-            ("workflow = ?", workflow),
-            ("status = ?", status),
-            ("workflow_id = ?", workflow_id),
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-        ):
-            if value is not None:
-                where.append(term)
-                params.append(value)
-        if cursor is not None:
-            where.append("(created_at, run_id) < (?, ?)")
-            params.extend(decode_cursor(cursor))
-        sql = (
-            f"SELECT {_RUN_COLUMNS} FROM runs"
-            + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY created_at DESC, run_id DESC LIMIT ?"
-        )
-        rows = [RunRow(*row) for row in await self._fetch(sql, [*params, limit + 1])]
+        when, ident = key
+        where, params = _where(*terms, (f"({when}, {ident}) < (?, ?)", None if cursor is None else decode_cursor(cursor)))
+        sql = f"SELECT {columns} FROM {table}{where} ORDER BY {when} DESC, {ident} DESC LIMIT ?"
+        rows = [row_type(*row) for row in await self._fetch(sql, [*params, limit + 1])]
         if len(rows) <= limit:
             return rows, None
         del rows[limit:]
-        return rows, encode_cursor(rows[-1].created_at, rows[-1].run_id)
+        return rows, encode_cursor(getattr(rows[-1], when), getattr(rows[-1], ident))
 
     async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[HistoryRow]:
         sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -835,37 +827,23 @@ class SQLiteStore:
 
     async def list_approvals(self, *, status: str | None = None, run_id: str | None = None, limit: int = 50,
                              cursor: str | None = None) -> tuple[list[ApprovalRow], str | None]:
-        if limit < 1:
-            raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
-        where, params = [], []
-        for term, value in (("status = ?", status), ("run_id = ?", run_id)):
-            if value is not None:
-                where.append(term)
-                params.append(value)
-        if cursor is not None:
-            where.append("(requested_at, id) < (?, ?)")
-            params.extend(decode_cursor(cursor))
-        sql = (
-            f"SELECT {_APPROVAL_COLUMNS} FROM approvals"
-            + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY requested_at DESC, id DESC LIMIT ?"
-        )
-        rows = [ApprovalRow(*row) for row in await self._fetch(sql, [*params, limit + 1])]
-        if len(rows) <= limit:
-            return rows, None
-        del rows[limit:]
-        return rows, encode_cursor(rows[-1].requested_at, rows[-1].id)
+        return await self._page(ApprovalRow, "approvals", _APPROVAL_COLUMNS, ("requested_at", "id"), limit, cursor,
+                                (("status = ?", status), ("run_id = ?", run_id)))
 
     async def integrity_check(self) -> str:
         return "\n".join(str(message) for (message,) in await self._fetch("PRAGMA integrity_check"))
 
 
 def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
-    """` WHERE a AND b` over the terms whose value is not None, and their parameters."""
+    """` WHERE a AND b` over the terms whose value is not None, and their parameters
+    (a tuple value fills a term with several `?`)."""
     used = [(term, value) for term, value in terms if value is not None]
     if not used:
         return "", []
-    return " WHERE " + " AND ".join(term for term, _ in used), [value for _, value in used]
+    params: list[Any] = []
+    for _, value in used:
+        params.extend(value if isinstance(value, tuple) else (value,))
+    return " WHERE " + " AND ".join(term for term, _ in used), params
 
 
 # -- list cursors --------------------------------------------------------------
