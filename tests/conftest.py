@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
 
+from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
 from server.store.sqlite import SQLiteStore
 
@@ -50,6 +51,15 @@ def nats_server(tmp_path) -> Iterator[EmbeddedNats | ExternalNats]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server) -> AsyncIterator[Bus]:
+    """Baton's own NATS connection to the test's nats-server."""
+    bus = Bus([nats_server.url])
+    await bus.connect()
+    yield bus
+    await bus.close()
 
 
 @pytest.fixture(autouse=True)

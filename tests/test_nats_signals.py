@@ -14,7 +14,6 @@ import pytest
 from nats.aio.client import Client
 
 from server.app import open_runtime
-from server.bus.connection import Bus
 from server.bus.connection import flush_all
 from server.bus.signals import SignalListener, parse_subject
 from server.errors import BadRequest, Conflict
@@ -175,14 +174,6 @@ class SlowRuntime:
         if name == "refuse":
             raise Conflict("refused on purpose", field="name")
         return {"run_id": run_id, "signal": name}
-
-
-@pytest.fixture
-async def bus(nats_server) -> AsyncIterator[Bus]:
-    bus = Bus([nats_server.url])
-    await bus.connect()
-    yield bus
-    await bus.close()
 
 
 async def test_a_slow_signal_does_not_hold_up_the_others(bus, client):

@@ -8,7 +8,7 @@ run's history verbatim; folding `decide` over them rebuilds the run's state.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -143,8 +143,19 @@ EVENT_TYPES: dict[str, type] = {
 }
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in EVENT_TYPES.values()}
+
+
 def event_to_dict(event: Event) -> dict[str, Any]:
-    return asdict(event)
+    """The event as history stores it. Shallow, unlike `dataclasses.asdict`, which deep-copies
+    every input and output on the hot path only for the copy to be serialised and dropped:
+    the values are shared with the event, so the caller must not mutate them."""
+    out = {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    error = out.get("error")
+    if isinstance(error, ErrorInfo):
+        out["error"] = {"type": error.type, "message": error.message, "retryable": error.retryable,
+                        "details": error.details}
+    return out
 
 
 def event_from_dict(type_: str, data: dict[str, Any]) -> Event:

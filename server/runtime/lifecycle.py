@@ -14,6 +14,7 @@ stream's Nats-Msg-Id dedupe drops the copy.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -38,7 +39,15 @@ def run_traceparent(run_id: str, event: Any = None, attempt: int = 1) -> str:
     """The W3C trace context (trace-context §3.2) of a run attempt's span: in the run's
     trace (its trigger's, or one derived from its id: server/telemetry/ids.py), so every
     process and every restart agrees on it without storing more."""
-    return traceparent(run_trace_id(run_id, event), run_span_id(run_id, max(attempt, 1)))
+    trigger = event.get("traceparent") if isinstance(event, dict) else None
+    return _run_traceparent(run_id, trigger if isinstance(trigger, str) else None, max(attempt, 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_traceparent(run_id: str, trigger: str | None, attempt: int) -> str:
+    # two hashes per lifecycle row otherwise; a run's rows come in a few consecutive
+    # batches, so a small cache answers all but its first
+    return traceparent(run_trace_id(run_id, {"traceparent": trigger}), run_span_id(run_id, attempt))
 
 
 def lifecycle_rows(state: RunState, event: Event, commands: list[Command]) -> list[OutboxRow]:

@@ -382,6 +382,11 @@ class Runtime:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(fut)
         try:
+            cached = self._cache.get(run_id)
+            if cached is not None and not cached.terminal:
+                # in flight here: its end resolves `fut`, so the store read (a thread hop
+                # per /wait, most of the long-poll's cost under load) is not needed
+                return await asyncio.wait_for(fut, timeout_s)
             row = await self.store.get_run(run_id)
             if row is None:
                 raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
@@ -390,6 +395,8 @@ class Runtime:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             row = await self.store.get_run(run_id)
+            if row is None:  # in memory only, and its first commit failed
+                raise RunNotFound(f"unknown run {run_id!r}", field="run_id") from None
             return _summary_row(row)
         finally:
             waiting = self._waiters.get(run_id)
