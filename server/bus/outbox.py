@@ -7,6 +7,14 @@ the rows the stream acknowledged. A crash between publish and delete publishes
 a row again with the same `Nats-Msg-Id`: the stream's duplicate window drops the
 copy, and the CloudEvent `id` is the same for any consumer that dedupes itself.
 While NATS is away, rows accumulate in the store and go out after reconnect.
+
+Deletes are coalesced: acknowledged rows are deleted together, at most
+`DELETE_AFTER_S` after the first of them was acknowledged (or once there are
+`BATCH_ROWS`), not one transaction per round; a cursor over the ids, which only
+grow (AUTOINCREMENT), keeps them from being published again meanwhile. A run
+one at a time otherwise paid a delete transaction for each of its transitions.
+The delay is far inside the streams' duplicate window, so a crash before the
+delete still republishes only copies that the stream drops.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ log = logging.getLogger("baton.outbox")
 BATCH_ROWS = 512  # rows per round: one read, one pipelined publish, one delete
 RETRY_MAX_S = 5.0  # backoff cap while NATS or the store fails
 FLUSH_ON_STOP_S = 3.0  # how long stop() keeps publishing what is left
+DELETE_AFTER_S = 1.0  # acknowledged rows wait at most this long for their delete (<< duplicate_window)
 
 # Baton's own streams for what it publishes (consumers may replay them)
 LIFECYCLE_STREAM = StreamConfig(name="BATON_LIFECYCLE", subjects=["baton.run.>", "baton.step.>"],
@@ -41,6 +50,10 @@ class OutboxPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._cursor = 0  # rows up to this id were published once (the refused ones are in _retry)
+        self._retry: list[OutboxRow] = []
+        self._acked: list[int] = []  # published, not yet deleted
+        self._delete_due: float | None = None  # loop time by which _acked must be deleted
 
     async def start(self) -> None:
         for config in (LIFECYCLE_STREAM, DLQ_STREAM):
@@ -66,34 +79,66 @@ class OutboxPublisher:
 
     async def _loop(self) -> None:
         delay = 0.1
+        loop = asyncio.get_running_loop()
         while True:
             if not self._stopping:
-                await self._wake.wait()
+                await self._sleep(None if self._delete_due is None else self._delete_due - loop.time())
             self._wake.clear()
             try:
-                while rows := await self.store.outbox_pending(BATCH_ROWS):
-                    await self._publish(rows)
+                try:
+                    await self._round()
+                finally:  # a refused row must not keep the acknowledged ones from their delete
+                    if self._acked and (self._stopping or len(self._acked) >= BATCH_ROWS
+                                        or loop.time() >= (self._delete_due or 0.0)):
+                        await self._delete()
                 delay = 0.1
             except BatonError as exc:
                 log.warning("outbox: %s; retrying in %.1fs", exc.message, delay)
                 if self._stopping:
                     return
-                try:  # a retry delay, cut short by new rows
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._sleep(delay)  # a retry delay, cut short by new rows
                 self._wake.set()
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if self._stopping:
                 return
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _sleep(self, timeout_s: float | None) -> None:
+        """Until woken by new rows, or `timeout_s` (None: no limit) has passed."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _round(self) -> None:
+        """Publish the refused rows again, then every row committed since; BusError if some
+        are still refused. A refused row does not hold up the rows behind it (a stream an
+        operator deleted blocks only its own subjects), but a round where nothing was
+        acknowledged (NATS away) stops reading, so a backlog stays in the store, not here."""
+        if self._retry:
+            self._retry = await self._publish(self._retry)
+        while len(self._retry) < BATCH_ROWS and (rows := await self.store.outbox_pending(BATCH_ROWS, self._cursor)):
+            refused = await self._publish(rows)
+            self._cursor = max(self._cursor, rows[-1].id)
+            self._retry += refused
+            # a short page means caught up: a row committed since has set _wake for the next round
+            if len(refused) == len(rows) or len(rows) < BATCH_ROWS:
+                break
+        if self._retry:
+            raise BusError(f"{len(self._retry)} messages were not acknowledged by their stream")
+
+    async def _publish(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Publish `rows`; returns those their stream did not acknowledge."""
         messages = [(r.subject, r.data, {**orjson.loads(r.headers), "Nats-Msg-Id": r.msg_id}) for r in rows]
         acked = await self.bus.publish_many(messages)
         done = [row.id for row, ok in zip(rows, acked) if ok]
         if done:
-            await self.store.commit(Batch(outbox_deleted=done))
+            if not self._acked:
+                self._delete_due = asyncio.get_running_loop().time() + DELETE_AFTER_S
+            self._acked += done
             self.published += len(done)
-        if len(done) < len(rows):
-            raise BusError(f"{len(rows) - len(done)} of {len(rows)} messages were not acknowledged by their stream")
+        return [row for row, ok in zip(rows, acked) if not ok]
+
+    async def _delete(self) -> None:
+        await self.store.commit(Batch(outbox_deleted=self._acked))
+        self._acked, self._delete_due = [], None

@@ -308,8 +308,8 @@ class Store(Protocol):
 
     async def get_dead_letter(self, id: int) -> DeadLetterRow | None: ...
 
-    async def outbox_pending(self, limit: int) -> list[OutboxRow]:
-        """The oldest rows not yet published, by id."""
+    async def outbox_pending(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
+        """The oldest rows still stored with an id above `after_id`, by id."""
 
     async def list_audit(
         self,

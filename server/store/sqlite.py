@@ -711,9 +711,9 @@ class SQLiteStore:
         rows = await self._fetch(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (id,))
         return DeadLetterRow(*rows[0]) if rows else None
 
-    async def outbox_pending(self, limit: int) -> list[OutboxRow]:
-        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?"
-        return [OutboxRow(*row) for row in await self._fetch(sql, (limit,))]
+    async def outbox_pending(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
+        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
+        return [OutboxRow(*row) for row in await self._fetch(sql, (after_id, limit))]
 
     async def list_audit(
         self,
