@@ -186,14 +186,6 @@ class Ends:
         self.check()
 
 
-async def wait_ends(ends: Ends, deadline: float) -> bool:
-    try:
-        await asyncio.wait_for(ends.done.wait(), max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
-        return False
-    return True
-
-
 # --- the phases -----------------------------------------------------------------------------
 
 
@@ -210,7 +202,7 @@ async def run_phase(js: Any, ends: Ends, tag: str, count: int, args: argparse.Na
     published = await publish(js, tag, count, args.window, args.rate, deadline)
     ends.expected = published.acked  # a refused publish starts no run
     ends.check()
-    finished = await wait_ends(ends, deadline)
+    finished = await harness.wait_set(ends.done, deadline)
     return Phase(published, dict(ends.seen), finished)
 
 

@@ -41,6 +41,9 @@ from rich.console import Console
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# POSTs in flight when starting many runs: enough for group commit to batch, few enough
+# to stay on one client loop
+START_CONCURRENCY = 64
 TERMINAL = frozenset({"succeeded", "failed", "compensated", "cancelled"})
 
 # Start-up loads the handler modules, the workflow files and the SQLite schema;
@@ -106,6 +109,9 @@ class Server:
     url: str
     workdir: Path
     log_path: Path
+    # how the process was started, so `restart_server()` can start it again alike
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -148,22 +154,22 @@ def _server_env(workdir: Path, port: int, sync: str) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(server: Server, timeout_s: float) -> None:
+def _wait_healthy(server: Server, timeout_s: float, path: str = "/healthz", poll_s: float = HEALTH_POLL_S) -> None:
     deadline = time.monotonic() + timeout_s
-    polls = int(timeout_s / HEALTH_POLL_S) + 1
+    polls = int(timeout_s / poll_s) + 1
     for _ in range(polls):
         if server.proc.poll() is not None:
             raise ServerError(f"server exited with code {server.proc.returncode} during start-up:\n{server.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/healthz", timeout=1.0) as resp:
+            with urllib.request.urlopen(f"{server.url}{path}", timeout=1.0) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() >= deadline:
             break
-        time.sleep(HEALTH_POLL_S)
-    raise ServerError(f"server not healthy after {timeout_s:.0f}s:\n{server.log_tail()}")
+        time.sleep(poll_s)
+    raise ServerError(f"server not answering {path} after {timeout_s:.0f}s:\n{server.log_tail()}")
 
 
 def stop_server(server: Server) -> int | None:
@@ -178,6 +184,44 @@ def stop_server(server: Server) -> int | None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.proc.wait(KILL_TIMEOUT_S)
     return server.proc.returncode
+
+
+def _spawn(cmd: list[str], workdir: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:  # appended: a restarted server's log follows the previous one's
+        return subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+# Restarting on a full database (recovery) may take longer than a fresh start; the
+# poll is finer than start-up's because the time to ready is the figure.
+RESTART_TIMEOUT_S = 120.0
+READY_POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class Restart:
+    how: str  # "sigterm" or "sigkill"
+    stop_s: float  # the signal until the old process exited
+    exit_code: int | None
+    ready_s: float  # the new process started until /readyz answered 200
+
+
+def restart_server(server: Server, *, kill: bool = False, timeout_s: float = RESTART_TIMEOUT_S) -> Restart:
+    """Stop the server (SIGTERM, or SIGKILL with `kill`) and start it again with the same
+    command, environment, directory and port; `server` then names the new process.
+    Blocks until the new process answers /readyz with 200 (or raises ServerError)."""
+    t0 = time.perf_counter()
+    if kill:
+        server.proc.kill()
+        server.proc.wait(KILL_TIMEOUT_S)
+        code = server.proc.returncode
+    else:
+        code = stop_server(server)
+    stopped = time.perf_counter()
+    server.proc = _spawn(server.cmd, server.workdir, server.env, server.log_path)
+    started = time.perf_counter()
+    _wait_healthy(server, timeout_s, path="/readyz", poll_s=READY_POLL_S)
+    return Restart("sigkill" if kill else "sigterm", stopped - t0, code, time.perf_counter() - started)
 
 
 @contextlib.contextmanager
@@ -203,12 +247,7 @@ def start_server(
         log_path = workdir / "server.log"
         cmd = [sys.executable, *python_args, "-m", "server", "serve"]
         env = {**_server_env(workdir, port, sync), **(extra_env or {})}
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd, cwd=workdir, env=env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        server = Server(proc, f"http://127.0.0.1:{port}", workdir, log_path)
+        server = Server(_spawn(cmd, workdir, env, log_path), f"http://127.0.0.1:{port}", workdir, log_path, cmd, env)
         try:
             _wait_healthy(server, STARTUP_TIMEOUT_S)
             yield server
@@ -222,6 +261,15 @@ def start_server(
             out.print(f"kept {workdir}", highlight=False)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def wait_set(event: asyncio.Event, deadline: float) -> bool:
+    """Wait for `event` until the monotonic `deadline`; False if it passed first."""
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 # --- profiling the server with py-spy ---------------------------------------------------
@@ -405,6 +453,8 @@ def _fmt(value: Any) -> str:
         return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):  # a series (soak's samples): too long for a cell, whole in the JSON line
+        return f"{len(value)} values (in the JSON line)"
     return "-" if value is None else str(value)
 
 

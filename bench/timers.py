@@ -48,7 +48,7 @@ QUICK_COUNT = 300
 QUICK_MAX_SLEEP_S = 3.0
 MIN_SLEEP_S = 1.0
 DEFAULT_MAX_SLEEP_S = 60.0
-DEFAULT_CONCURRENCY = 64  # POSTs in flight: enough for group commit to batch, few enough for one client loop
+DEFAULT_CONCURRENCY = harness.START_CONCURRENCY
 DEFAULT_WARMUP = 200
 # The default lead: the warm-up's start rate, with room for a slower stretch, plus a pad.
 LEAD_FACTOR = 1.2

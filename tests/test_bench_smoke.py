@@ -92,3 +92,62 @@ def test_timers_quick_reports_every_figure():
     assert figures["succeeded"] == 300
     assert figures["failures"] == 0
     assert all(figures[key] is not None for key in TIMERS_EXPECTED_KEYS)
+
+
+PARK_EXPECTED_KEYS = {
+    "workload", "runs", "wait", "signal_via", "signal_rate", "succeeded", "failures", "failure_kinds",
+    "start_s", "starts_per_s", "server_rss_parked_mib", "server_rss_parked_peak_mib", "restart", "stop_s",
+    "restart_ready_s", "server_rss_restarted_mib", "signal_s", "signals_per_s", "p50_ms", "p90_ms", "p99_ms",
+    "max_ms", "recorded_p99_ms", "server_rss_end_mib", "server_rss_peak_mib", "server_cpu_s", "client_cpu_s",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_park_quick_reports_every_figure():
+    figures = run_bench("park", "--quick")
+    assert PARK_EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "park"
+    assert figures["runs"] == 300
+    assert figures["restart"] == "sigterm"
+    assert figures["succeeded"] == 300
+    assert figures["failures"] == 0
+    assert all(figures[key] is not None for key in PARK_EXPECTED_KEYS)
+
+
+FANOUT_EXPECTED_KEYS = {
+    "workload", "items", "max_concurrency", "status", "failures", "failure_kinds", "peak_concurrency",
+    "items_at_peak", "wall_s", "items_per_s", "server_items_per_s", "detail_bytes", "detail_s",
+    "server_rss_mib", "server_rss_peak_mib", "server_cpu_s", "server_cpu_ms_per_item",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_fanout_quick_reports_every_figure():
+    figures = run_bench("fanout", "--quick")
+    assert FANOUT_EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "fanout"
+    assert figures["items"] == 500
+    assert figures["status"] == "succeeded"
+    assert figures["failures"] == 0
+    assert all(figures[key] is not None for key in FANOUT_EXPECTED_KEYS)
+
+
+SOAK_EXPECTED_KEYS = {
+    "workload", "runs", "chunk", "succeeded", "failures", "failure_kinds", "wall_s", "runs_per_s",
+    "server_rss_warm_mib", "server_rss_min_mib", "server_rss_max_mib", "server_rss_last_mib", "rss_drift_pct",
+    "rss_max_drift_pct", "server_rss_peak_mib", "server_cpu_ms_per_run", "db_mib", "samples",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 20)
+def test_soak_quick_reports_every_figure():
+    figures = run_bench("soak", "--quick")
+    assert SOAK_EXPECTED_KEYS <= figures.keys()
+    assert figures["workload"] == "soak"
+    assert figures["runs"] == 3000
+    assert figures["succeeded"] == 3000
+    assert figures["failures"] == 0
+    assert [s["runs"] for s in figures["samples"]] == list(range(500, 3001, 500))
