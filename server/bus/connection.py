@@ -258,9 +258,10 @@ class Bus:
         if not messages:
             return []
         if self._acks is None:
+            acks = _Acks(self.nc.new_inbox())
             with mapped("cannot subscribe to publish acknowledgements"):
-                self._acks = _Acks(self.nc.new_inbox())
-                await self.nc.subscribe(f"{self._acks.prefix}.*", cb=self._acks.on_reply)
+                self.track(await self.nc.subscribe(f"{acks.prefix}.*", cb=acks.on_reply))
+            self._acks = acks  # only once subscribed: a failed attempt is made again next call
         batch = self._acks.open(len(messages))
         try:
             with mapped(f"cannot publish {len(messages)} messages"):
