@@ -132,6 +132,7 @@ def test_fanout_quick_reports_every_figure():
     assert figures["status"] == "succeeded"
     assert figures["failures"] == 0
     assert all(figures[key] is not None for key in FANOUT_EXPECTED_KEYS)
+    assert 1 <= figures["peak_concurrency"] <= figures["max_concurrency"]  # the limit held
 
 
 SOAK_EXPECTED_KEYS = {

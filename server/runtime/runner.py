@@ -333,9 +333,7 @@ class Runtime:
         return await self._submit(run_id, RetryRequested(self.clock.now(), by), check)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
-        row = await self.store.get_run(run_id)
-        if row is None:
-            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        row = await self._stored_run(run_id)
         steps = await self.store.get_steps(run_id)
         graph = await self._graph(row.def_hash)
         state = load_state(row, steps, graph)
@@ -349,17 +347,14 @@ class Runtime:
         return [_summary_row(r) for r in rows], cursor
 
     async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        if await self.store.get_run(run_id) is None:
-            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        await self._stored_run(run_id)
         rows = await self.store.history(run_id, after_seq=after_seq, limit=limit)
         return [{"seq": r.seq, "at": iso(r.at), "type": r.type, "key": r.key, "data": orjson.loads(r.data)} for r in rows]
 
     async def trace(self, run_id: str) -> dict[str, Any]:
         """The run's spans as its history describes them (server/telemetry/trace.py): what
         the tracing exporter sends, rebuilt from Baton's own records; open spans have no end."""
-        row = await self.store.get_run(run_id)
-        if row is None:
-            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        row = await self._stored_run(run_id)
         graph = await self._graph(row.def_hash)
         data = orjson.loads(row.data)
         trace = RunTrace(run_id, graph, workflow=row.workflow, version=row.version, workflow_id=row.workflow_id,
@@ -383,21 +378,16 @@ class Runtime:
         self._waiters.setdefault(run_id, []).append(fut)
         try:
             cached = self._cache.get(run_id)
-            if cached is not None and not cached.terminal:
-                # in flight here: its end resolves `fut`, so the store read (a thread hop
-                # per /wait, most of the long-poll's cost under load) is not needed
-                return await asyncio.wait_for(fut, timeout_s)
-            row = await self.store.get_run(run_id)
-            if row is None:
-                raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
-            if row.status in TERMINAL:
-                return _summary_row(row)
+            # A run in flight here needs no store read (a thread hop per /wait, most of the
+            # long-poll's cost under load): its end resolves `fut`.
+            if cached is None or cached.terminal:
+                row = await self._stored_run(run_id)
+                if row.status in TERMINAL:
+                    return _summary_row(row)
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
-            row = await self.store.get_run(run_id)
-            if row is None:  # in memory only, and its first commit failed
-                raise RunNotFound(f"unknown run {run_id!r}", field="run_id") from None
-            return _summary_row(row)
+            # RunNotFound still, for a run that was only in memory and whose first commit failed
+            return _summary_row(await self._stored_run(run_id))
         finally:
             waiting = self._waiters.get(run_id)
             if waiting and fut in waiting:
@@ -773,6 +763,12 @@ class Runtime:
                     for row in rows}
         except BatonError:
             return {}
+
+    async def _stored_run(self, run_id: str) -> RunRow:
+        row = await self.store.get_run(run_id)
+        if row is None:
+            raise RunNotFound(f"unknown run {run_id!r}", field="run_id")
+        return row
 
     async def _state(self, run_id: str, row: RunRow | None = None) -> RunState | None:
         state = self._cache.get(run_id)
