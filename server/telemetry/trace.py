@@ -33,9 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine.graph import CompiledWorkflow
-from server.telemetry.ids import run_span_id, run_trace_id, span_id, task_span_id, trigger_context
+from server.telemetry.ids import run_span_id, run_trace_id, span_id, task_span_id, trigger_context, trigger_sampled
 
 RUN_ENDS = {"run.succeeded", "run.failed", "run.compensated", "run.cancelled"}
+# The row types `RunTrace` reads (the table above, and the events it adds): a caller may
+# leave the data of any other row undecoded.
+ROW_TYPES = frozenset(RUN_ENDS | {
+    "run.started", "run.retry_requested", "run.compensating", "run.queued",
+    "step.scheduled", "compensation.scheduled", "task.succeeded", "task.failed", "task.cancelled",
+    "timer.fired", "step.retrying", "step.timed_out", "step.waiting", "approval.requested",
+    "signal.received", "approval.decided", "step.failed", "step.cancelled", "step.skipped",
+})
 OK, ERROR, UNSET = "ok", "error", "unset"
 
 
@@ -48,10 +56,17 @@ class SpanRecord:
     end: float | None = None  # None: still open (in progress)
     kind: str = "internal"  # internal | producer
     attributes: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
+    # a list once an event is added: most spans have none, and an empty list per span would
+    # be one more object for the garbage collector to track for the span's whole life
+    events: list[tuple[str, float, dict[str, Any]]] | tuple[()] = ()
     status: str = UNSET
     message: str | None = None  # the error, for status ERROR
     key: str | None = None  # the step instance it belongs to (not exported)
+
+    def event(self, name: str, at: float, attributes: dict[str, Any]) -> None:
+        if isinstance(self.events, tuple):
+            self.events = list(self.events)
+        self.events.append((name, at, attributes))
 
     def close(self, at: float, status: str = UNSET, message: str | None = None, outcome: str | None = None) -> None:
         self.end = max(at, self.start)
@@ -75,9 +90,10 @@ class RunTrace:
                  workflow_id: str | None = None, event: Any = None, link_trigger: bool = False) -> None:
         self.run_id, self.graph = run_id, graph
         self.workflow, self.version, self.workflow_id = workflow, version, workflow_id
-        self.trace_id = run_trace_id(run_id, event, follow_trigger=not link_trigger)
         trigger = trigger_context(event)
+        self.trace_id = trigger[0] if trigger is not None and not link_trigger else run_trace_id(run_id)
         self.trigger_span = trigger[1] if trigger is not None else None
+        self.trigger_sampled = trigger is not None and trigger_sampled(event)  # its traceparent's flags
         self.link_trigger = link_trigger  # the trigger's span as a link, not the parent
         self.attempt = 0
         self.run: SpanRecord | None = None
@@ -120,7 +136,7 @@ class RunTrace:
         elif type_ == "step.retrying" and key is not None:
             target = self.last_closed.get(key)
             if target is not None:
-                target.events.append(("retry scheduled", at, {"baton.retry.delay_s": data.get("delay_s")}))
+                target.event("retry scheduled", at, {"baton.retry.delay_s": data.get("delay_s")})
         elif type_ == "step.timed_out" and key is not None:
             return self._close_wait(key, at, "timeout", {}, UNSET, "timed_out")
         elif type_ == "step.waiting" and key is not None:
@@ -138,11 +154,11 @@ class RunTrace:
             return self._close_wait(key, at, type_, {}, ERROR if type_ == "step.failed" else UNSET,
                                     type_.partition(".")[2], message=data.get("message"))
         elif type_ == "run.compensating":
-            self.run.events.append(("compensating", at, {"baton.steps": ", ".join(data.get("steps") or [])}))
+            self.run.event("compensating", at, {"baton.steps": ", ".join(data.get("steps") or [])})
         elif type_ == "run.queued":
-            self.run.events.append(("queued", at, {}))
+            self.run.event("queued", at, {})
         elif type_ == "step.skipped" and key is not None:
-            self.run.events.append(("step skipped", at, {"baton.step.id": key}))
+            self.run.event("step skipped", at, {"baton.step.id": key})
         return []
 
     # ------------------------------------------------------------------- run
@@ -226,8 +242,8 @@ class RunTrace:
             span.close(at, OK, outcome="succeeded")
         elif type_ == "task.failed":
             error = data.get("error") if isinstance(data.get("error"), dict) else {}
-            span.events.append(("exception", at, {"exception.type": str(error.get("type", "Error")),
-                                                  "exception.message": str(error.get("message", ""))}))
+            span.event("exception", at, {"exception.type": str(error.get("type", "Error")),
+                                         "exception.message": str(error.get("message", ""))})
             span.close(at, ERROR, _message(error), outcome="failed")
         else:
             span.close(at, UNSET, outcome="cancelled")
@@ -242,7 +258,7 @@ class RunTrace:
             task_id = f"{self.run_id}:{key}:{attempt}" if kind == "timeout" else f"{self.run_id}:{key}:compensate:{attempt}"
             span = self.attempts.get(task_id)
             if span is not None:
-                span.events.append(("timeout", at, {}))
+                span.event("timeout", at, {})
                 self.attempts.pop(task_id)
                 span.close(at, ERROR, "timed out", outcome="timed_out")
                 self.last_closed[span.key] = span
@@ -283,7 +299,7 @@ class RunTrace:
         wait = self.waits.pop(key, None)
         if wait is None:
             return []
-        wait.span.events.append((event, at, attrs))
+        wait.span.event(event, at, attrs)
         wait.span.close(at, status, message if status == ERROR else None, outcome=outcome)
         self._extend_containers(wait.span)
         return [wait.span]
