@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import chain3, events, fanout, harness, latency, park, soak, timers
+from bench import chain3, chaos, events, fanout, harness, latency, park, soak, timers
 
 WORKLOADS = {
     "chain3": (chain3, "throughput of 3-step no-op runs, many in flight"),
@@ -19,6 +19,7 @@ WORKLOADS = {
     "timers": (timers, "many runs asleep on durable timers at once: how late they fire, memory"),
     "park": (park, "many runs parked on an approval signal: memory, a restart, then signal -> completion latency"),
     "fanout": (fanout, "one run mapping a step over many items with max_concurrency: items/s, peak concurrency"),
+    "chaos": (chaos, "SIGKILL the server at random moments under a mixed load; check every run ended right"),
     "soak": (soak, "server memory over a long stream of chain3 runs (local only; 1,000,000 by default)"),
 }
 

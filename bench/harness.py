@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +206,11 @@ class Restart:
     ready_s: float  # the new process started until /readyz answered 200
 
 
-def restart_server(server: Server, *, kill: bool = False, timeout_s: float = RESTART_TIMEOUT_S) -> Restart:
+def restart_server(server: Server, *, kill: bool = False, timeout_s: float = RESTART_TIMEOUT_S,
+                   between: Callable[[], None] | None = None) -> Restart:
     """Stop the server (SIGTERM, or SIGKILL with `kill`) and start it again with the same
     command, environment, directory and port; `server` then names the new process.
+    `between` is called while no server runs (the chaos loop checks the database there).
     Blocks until the new process answers /readyz with 200 (or raises ServerError)."""
     t0 = time.perf_counter()
     if kill:
@@ -218,6 +220,8 @@ def restart_server(server: Server, *, kill: bool = False, timeout_s: float = RES
     else:
         code = stop_server(server)
     stopped = time.perf_counter()
+    if between is not None:
+        between()
     server.proc = _spawn(server.cmd, server.workdir, server.env, server.log_path)
     started = time.perf_counter()
     _wait_healthy(server, timeout_s, path="/readyz", poll_s=READY_POLL_S)

@@ -61,9 +61,17 @@ class Nats(BaseModel):
     token: SecretStr | None = None
     tls: NatsTLS | None = None
     connect_timeout_s: float = Field(5.0, gt=0)
+    # at start-up, a broker not reachable yet (starting beside Baton, a compose stack) is
+    # tried again every reconnect_wait_s for this long before Baton gives up
+    startup_wait_s: float = Field(60.0, gt=0, le=3600)
     # nats-py waits this long between reconnect attempts, forever: a broker outage
     # must not stop Baton, and the outbox catches up once it is back
     reconnect_wait_s: float = Field(2.0, gt=0, le=60)
+    # a broker that stops answering without closing the socket (a stalled process, a
+    # network partition) is noticed after this many unanswered pings, one per interval:
+    # nats-py's own default (2 minutes, 2 pings) left /readyz saying "connected" for minutes
+    ping_interval_s: float = Field(10.0, gt=0, le=600)
+    max_outstanding_pings: int = Field(3, ge=1, le=100)
     # where `baton dev` keeps the embedded server's JetStream store; default <data_dir>/nats
     embedded_dir: Path | None = None
     # NATS's standard port, so `nats pub ...` reaches the embedded server with no flags;

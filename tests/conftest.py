@@ -8,10 +8,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
 from server.store.sqlite import SQLiteStore
+
+# Property and fuzz tests that leave `max_examples` to the profile: CI runs a bounded
+# number per target (the suite's time), `HYPOTHESIS_PROFILE=thorough` thousands, locally.
+hypothesis_settings.register_profile("ci", max_examples=60)
+hypothesis_settings.register_profile("thorough", max_examples=3000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class ExternalNats:

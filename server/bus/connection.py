@@ -175,7 +175,9 @@ class Bus:
         s = self.settings
         options: dict[str, Any] = dict(
             servers=self.servers, name=self.name, connect_timeout=s.connect_timeout_s,
+            # a server reconnects forever: giving up would leave Baton running without NATS
             reconnect_time_wait=s.reconnect_wait_s, max_reconnect_attempts=-1, allow_reconnect=True,
+            ping_interval=s.ping_interval_s, max_outstanding_pings=s.max_outstanding_pings,
             drain_timeout=DRAIN_TIMEOUT_S, error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected, closed_cb=self._on_closed,
             # a broker outage buffers up to this much of core publishes (signal replies, requests)
@@ -190,8 +192,16 @@ class Bus:
             if s.tls and s.tls.hostname:
                 options["tls_hostname"] = s.tls.hostname
         where = ", ".join(self.servers)
-        with mapped(f"cannot connect to NATS at {where}"):
-            await self.nc.connect(**options)
+        # nats-py retries a first connect as it reconnects (every reconnect_wait_s, without
+        # end): a broker starting beside Baton is waited for, a broker that never comes is
+        # an error that names it, for the supervisor to see, after startup_wait_s
+        try:
+            await asyncio.wait_for(self.nc.connect(**options), s.startup_wait_s)
+        except asyncio.TimeoutError:
+            raise BusError(f"cannot connect to NATS at {where}: not reachable within "
+                           f"nats.startup_wait_s={s.startup_wait_s:g}s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"cannot connect to NATS at {where}: {type(exc).__name__}: {exc}") from exc
         log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else where)
 
     def track(self, sub: Any) -> Any:

@@ -27,6 +27,7 @@ from server.errors import ExpressionError
 # (or a bug), not a workflow. Jinja's sandbox does not bound them itself.
 MAX_REPEAT_LEN = 100_000
 MAX_POWER_EXPONENT = 1_000
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1  # what orjson writes and SQLite keeps
 
 
 class _Environment(ImmutableSandboxedEnvironment):
@@ -65,10 +66,18 @@ class _Environment(ImmutableSandboxedEnvironment):
 _ENV = _Environment(undefined=StrictUndefined, autoescape=False)
 _SINGLE = re.compile(r"^\s*\{\{(?P<expr>(?:(?!\}\}).)*)\}\}\s*$", re.DOTALL)
 _MARKERS = ("{{", "{%", "{#")
+# Jinja parses recursively and compiles to Python: brackets nested a few hundred deep
+# exhaust its stack (RecursionError) or Python's parser (SyntaxError: too many nested
+# parentheses). Both mean "this template is invalid", like a TemplateError.
+_COMPILE_ERRORS = (TemplateError, RecursionError, SyntaxError)
 
 
 def _native(value: Any) -> Any:
     """Make sure an expression's value is JSON-like; an undefined name is an error."""
+    if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
+        # JSON as Baton stores it (orjson, SQLite) holds 64-bit integers: caught here, it
+        # fails the step that rendered it, not the commit of every run decided with it
+        raise ExpressionError(f"expression produced the integer {value}, which does not fit in 64 bits")
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Undefined):
@@ -89,7 +98,7 @@ class Expression:
         self.source = source
         try:
             self._fn = _ENV.compile_expression(source, undefined_to_none=False)
-        except TemplateError as exc:
+        except _COMPILE_ERRORS as exc:
             raise ExpressionError(f"invalid expression {source!r}: {exc}") from None
 
     def evaluate(self, ctx: Mapping[str, Any]) -> Any:
@@ -106,7 +115,7 @@ class _StringTemplate:
         self.source = source
         try:
             self._tpl = _ENV.from_string(source)
-        except TemplateError as exc:
+        except _COMPILE_ERRORS as exc:
             raise ExpressionError(f"invalid template {source!r}: {exc}") from None
 
     def evaluate(self, ctx: Mapping[str, Any]) -> str:

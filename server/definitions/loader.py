@@ -42,6 +42,11 @@ Report = Callable[[Loc, str], None]  # records one problem at a loc
 MAX_HANDLERS_LISTED = 5  # enough to spot a typo without flooding the terminal
 # pydantic prefixes its messages with the kind of error; the field path already says enough.
 _NOISY_PREFIXES = ("Value error, ", "Assertion failed, ")
+# JSON numbers as SQLite and orjson store them: signed 64-bit
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+# Far deeper than any workflow needs, and well inside what the definition's hash (orjson,
+# 254 levels) and pydantic can walk.
+MAX_DEPTH = 64
 _KIND_NAMES = {CommentedSeq: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
@@ -164,6 +169,9 @@ def _parse_yaml(text: str, filename: str) -> CommentedMap:
         raise DefinitionError([_problem(filename, line, (), f"invalid YAML: {exc.reason}")]) from None
     except YAMLError as exc:
         raise DefinitionError([_problem(filename, 1, (), f"invalid YAML: {exc}")]) from None
+    except RecursionError:  # ruamel composes nested nodes recursively: a few hundred levels exhaust the stack
+        raise DefinitionError([_problem(filename, 1, (), f"invalid YAML: nested too deeply (a workflow may nest "
+                                                         f"{MAX_DEPTH} levels)")]) from None
     if not isinstance(doc, CommentedMap):
         found = "an empty document" if doc is None else _KIND_NAMES.get(type(doc), type(doc).__name__)
         line = doc.lc.line + 1 if isinstance(doc, CommentedSeq) else 1
@@ -181,6 +189,9 @@ _Constructor.add_constructor("tag:yaml.org,2002:timestamp", RoundTripConstructor
 
 def _plain(node: Any, loc: Loc, add: Report) -> Any:
     """ruamel's round-trip types -> plain JSON-like dicts, lists and scalars."""
+    if len(loc) > MAX_DEPTH and isinstance(node, (dict, list)):
+        add(loc, f"nested more than {MAX_DEPTH} levels deep")
+        return None
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
@@ -193,6 +204,9 @@ def _plain(node: Any, loc: Loc, add: Report) -> Any:
         return [_plain(v, (*loc, i), add) for i, v in enumerate(node)]
     if isinstance(node, ScalarBoolean):  # an anchored boolean; it subclasses int
         return bool(node)
+    if isinstance(node, int) and not isinstance(node, bool) and not MIN_INT <= node <= MAX_INT:
+        add(loc, f"integer {node} is out of range: numbers in a workflow must fit in 64 bits")
+        return None
     for plain_type in (bool, str, int, float):
         if isinstance(node, plain_type):
             return plain_type(node)

@@ -44,7 +44,7 @@ from server.engine.events import (
 from server.engine.graph import CompiledWorkflow, compile_workflow
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
 from server.errors import (
-    BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, Unavailable,
+    BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, StoreError, Unavailable,
     WorkflowNotFound,
 )
 from server.runtime import export
@@ -64,7 +64,13 @@ from server.store.base import (TERMINAL, Batch, DeadLetterRow, DefinitionRow, Hi
 
 log = logging.getLogger("baton.runtime")
 
+ORJSON_MAX_DEPTH = 254  # the deepest nesting orjson.dumps writes
+MAX_INPUT_DEPTH = 128  # nesting allowed in a run's input, event and signal data (see _require_storable)
 MAX_BATCH = 1024  # events decided per commit; bounds the latency one commit adds
+# While commits fail, a small write is tried this often (doubling up to the cap): with no
+# new work taken, nothing else may commit to tell the runtime that the store is back.
+STORE_PROBE_FIRST_S = 0.05
+STORE_PROBE_MAX_S = 2.0
 Check = Callable[[RunState], Awaitable[Any]]
 
 
@@ -113,6 +119,13 @@ class Runtime:
         self._accepting = False
         self._draining = False  # shutting down: outcomes are still committed, nothing new starts
         self._store_ok = True
+        self._store_error = ""  # the last failed commit's message, while the store fails
+        # outcomes nobody awaits (handler results, timer firings, child ends) of batches whose
+        # commit failed, fed again in order once the store takes writes: a result already
+        # paid for is recorded, not run again. Keyed so a timer refired meanwhile is held once.
+        self._held: dict[Any, _Item] = {}
+        self._held_children: list[tuple[str, int, StartChild]] = []  # child starts the store refused
+        self._probe_task: asyncio.Task | None = None
         self.executor = Executor(registry, self.clock, self._submit_internal,
                                  max_tasks=limits.max_concurrent_tasks,
                                  max_tasks_per_workflow=limits.max_concurrent_tasks_per_workflow)
@@ -192,6 +205,9 @@ class Runtime:
         if cancelled:
             log.warning("%d handler attempts did not finish within %.1fs; they run again after restart", cancelled, grace_s)
         await self.timers.stop()
+        if self._probe_task is not None:  # what it holds is re-driven from the store after the restart
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
         if self._pump_task is not None:
             self._inbox.put_nowait(_STOP)
             await self._pump_task
@@ -272,6 +288,8 @@ class Runtime:
                         parent: list[str] | None = None) -> tuple[dict[str, Any], bool]:
         self._require_accepting()
         loaded = self._resolve(workflow, version)
+        _require_storable(input, "input")
+        _require_storable(event, "event")
         self._validate_input(loaded, input)
         state = new_run(run_id or uuid.uuid4().hex, loaded.compiled)
         state.parent = parent
@@ -302,6 +320,7 @@ class Runtime:
 
     async def signal(self, run_id: str, name: str, payload: Any = None, *, by: str | None = None) -> dict[str, Any]:
         self._require_accepting()
+        _require_storable(payload, "data")
 
         async def check(st: RunState) -> None:
             _require_open(st, f"signal {name!r}")
@@ -580,16 +599,10 @@ class Runtime:
         try:
             await self.store.commit(batch)
         except BatonError as exc:
-            self._store_ok = False
-            log.error("commit of %d runs failed: %s", len(touched), exc.message)
-            for state in touched.values():  # memory ran ahead of the store: forget it
-                self._cache.pop(state.run_id, None)
-                if state.workflow_id:
-                    self._open_wids.pop((state.workflow, state.workflow_id), None)
-            for _, _, item in decided:
-                _fail(item, exc)
+            self._commit_failed(exc, touched, decided)
             return
-        self._store_ok = True
+        if not self._store_ok:
+            self._store_recovered()
         # committed: from here a failure must not stop the dispatch below (the tasks and
         # timers of committed decisions), so telemetry's own errors are logged and dropped
         try:
@@ -616,6 +629,67 @@ class Runtime:
         for state in touched.values():
             if state.terminal or not (state.tasks or state.children):
                 self._cache.pop(state.run_id, None)  # waiting or done: the store holds it
+
+    def _commit_failed(self, exc: BatonError, touched: dict[str, RunState],
+                       decided: list[tuple[RunState, list[Command], _Item]]) -> None:
+        """Memory ran ahead of the store: forget what the batch decided. If the store failed
+        (not the batch's data: a Conflict), refuse new work until a write succeeds (the probe
+        finds out), and hold the outcomes nobody awaits."""
+        failing = isinstance(exc, StoreError)
+        if failing:
+            self._store_ok, self._store_error = False, exc.message
+        log.error("commit of %d runs failed: %s", len(touched), exc.message)
+        for state in touched.values():
+            self._cache.pop(state.run_id, None)
+            if state.workflow_id:
+                self._open_wids.pop((state.workflow, state.workflow_id), None)
+        for state, _, item in decided:
+            if item.new_state is not None:
+                if state.slot is not None:
+                    self._release(state)  # a start never stored holds no concurrency slot
+            # a lost heartbeat is replaced by the next one; an awaited event's caller got the error
+            elif failing and item.future is None and not isinstance(item.event, TaskHeartbeat):
+                key = (item.run_id, item.event.timer_id) if isinstance(item.event, TimerFired) else item
+                self._held.setdefault(key, item)
+            _fail(item, exc)
+        if failing:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.create_task(self._probe_store(), name="baton-store-probe")
+
+    async def _probe_store(self) -> None:
+        """Write one audit row, backing off, until the store takes it: then the held work
+        goes on. One `store.recovered` entry per outage says when it ended, and why it began."""
+        delay_s = STORE_PROBE_FIRST_S
+        failed_at = self.clock.now()
+        while True:
+            await asyncio.sleep(delay_s)
+            row = audit_row(self.clock.now(), SYSTEM, "store.recovered",
+                            detail={"failed_at": iso(failed_at), "error": self._store_error})
+            try:
+                await self.store.commit(Batch(audit=[row]))
+            except BatonError as exc:
+                self._store_error = exc.message
+                delay_s = min(delay_s * 2, STORE_PROBE_MAX_S)
+                continue
+            self._store_recovered()
+            return
+
+    def _store_recovered(self) -> None:
+        """A write succeeded: take new work again, feed the held outcomes again (in their
+        order; each run is read back from the store), start the refused children."""
+        held, self._held = list(self._held.values()), {}
+        children, self._held_children = self._held_children, []
+        if not self._store_ok or held or children:
+            log.warning("the store takes writes again: %d held outcomes and %d child starts resumed",
+                        len(held), len(children))
+        self._store_ok, self._store_error = True, ""
+        for item in held:
+            self._inbox.put_nowait(item)
+        for parent_id, attempt, cmd in children:
+            asyncio.create_task(self._start_child(parent_id, attempt, cmd))
 
     def _dispatch(self, state: RunState, commands: list[Command]) -> None:
         for cmd in commands:
@@ -666,11 +740,14 @@ class Runtime:
 
     async def _start_child(self, parent_id: str, attempt: int, cmd: StartChild) -> None:
         child_id = _child_run_id(parent_id, cmd.key, attempt)
-        if await self.store.get_run(child_id) is not None:
-            return  # started before a restart; its end will reach the parent
         try:
+            if await self.store.get_run(child_id) is not None:
+                return  # started before a restart; its end will reach the parent
             await self.start_run(cmd.workflow, cmd.input, workflow_id=cmd.workflow_id, run_id=child_id,
                                  parent=[parent_id, cmd.key], by=f"run:{parent_id}")
+        except StoreError:  # the store's fault, not the child's: start it once the store is back
+            self._held_children.append((parent_id, attempt, cmd))
+            self._start_probe()
         except BatonError as exc:
             self._submit_internal(parent_id, ChildFinished(cmd.key, self.clock.now(), FAILED, None,
                                                            ErrorInfo(type(exc).__name__, exc.message, False)))
@@ -834,6 +911,8 @@ class Runtime:
     def _require_accepting(self) -> None:
         if not self._accepting:
             raise Unavailable("Baton is not accepting work (starting up or shutting down)")
+        if not self._store_ok:  # what it cannot record, it does not take
+            raise StoreError(f"Baton takes no new work while its store fails: {self._store_error}")
 
     def _workflow_view(self, loaded: LoadedWorkflow) -> dict[str, Any]:
         model = loaded.model
@@ -843,6 +922,36 @@ class Runtime:
             "input_schema": model.input_schema,
             "versions": [w.model.version for w in self.catalog.versions(model.name)],
         }
+
+
+def _require_storable(value: Any, field: str) -> None:
+    """History and run state keep values as JSON, which orjson writes at most 254 levels
+    deep (its parser reads 1024). A value from outside may nest MAX_INPUT_DEPTH levels:
+    the rest is room for what the run wraps around it (state, step outputs, history).
+    Found deeper at the commit, it would fail the whole batch with it (a 503 for all)."""
+    if not isinstance(value, (dict, list)):
+        return
+    _DEPTH_PROBE_END[:] = [value]  # the probe is MAX_INPUT_DEPTH levels short of orjson's limit
+    try:
+        orjson.dumps(_DEPTH_PROBE)  # the same answer as measuring the depth, at orjson's speed
+    except TypeError as exc:
+        raise InvalidInput(f"{field} cannot be stored as JSON ({exc}): it may nest at most {MAX_INPUT_DEPTH} "
+                           "levels deep", field=field) from None
+    finally:
+        _DEPTH_PROBE_END.clear()
+
+
+def _depth_probe() -> tuple[list, list]:
+    """Lists nested ORJSON_MAX_DEPTH - MAX_INPUT_DEPTH deep, and the innermost one."""
+    outer = end = []
+    for _ in range(ORJSON_MAX_DEPTH - MAX_INPUT_DEPTH - 1):
+        inner: list = []
+        end.append(inner)
+        end = inner
+    return outer, end
+
+
+_DEPTH_PROBE, _DEPTH_PROBE_END = _depth_probe()
 
 
 def _require_open(state: RunState, what: str) -> None:

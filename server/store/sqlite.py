@@ -194,6 +194,8 @@ _ERROR_MESSAGES = {
     "SQLITE_NOTADB": "the file is not a SQLite database",
     "SQLITE_BUSY": "the database is locked by another process",
     "SQLITE_LOCKED": "the database is locked",
+    # EFBIG (a file size limit) and some full disks come as a write error, not SQLITE_FULL
+    "SQLITE_IOERR_WRITE": "cannot write the database file (is the disk full, or a file size limit reached?)",
     "SQLITE_IOERR": "I/O error on the database file",
 }
 # Errors caused by one batch's data rather than by the database: retry one by one.
