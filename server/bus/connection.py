@@ -195,13 +195,12 @@ class Bus:
         # nats-py retries a first connect as it reconnects (every reconnect_wait_s, without
         # end): a broker starting beside Baton is waited for, a broker that never comes is
         # an error that names it, for the supervisor to see, after startup_wait_s
-        try:
-            await asyncio.wait_for(self.nc.connect(**options), s.startup_wait_s)
-        except asyncio.TimeoutError:
-            raise BusError(f"cannot connect to NATS at {where}: not reachable within "
-                           f"nats.startup_wait_s={s.startup_wait_s:g}s") from None
-        except (nats.errors.Error, OSError) as exc:
-            raise BusError(f"cannot connect to NATS at {where}: {type(exc).__name__}: {exc}") from exc
+        with mapped(f"cannot connect to NATS at {where}"):
+            try:
+                await asyncio.wait_for(self.nc.connect(**options), s.startup_wait_s)
+            except asyncio.TimeoutError:
+                raise BusError(f"cannot connect to NATS at {where}: not reachable within "
+                               f"nats.startup_wait_s={s.startup_wait_s:g}s") from None
         log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else where)
 
     def track(self, sub: Any) -> Any:
