@@ -187,7 +187,9 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *GC_OLDER_THRESHOLDS)
 
 
-async def serve(settings: Settings, *, dev: bool = False) -> None:
+async def serve(settings: Settings, *, dev: bool = False, clock: Clock | None = None) -> None:
+    """The API and everything behind it, until SIGTERM or SIGINT. `clock` defaults to the
+    system clock; the example tests pass one they move by hand, to drive schedules."""
     from server.api.app import build_api
 
     if dev and settings.auth.enabled:
@@ -196,7 +198,7 @@ async def serve(settings: Settings, *, dev: bool = False) -> None:
         log.warning("API authentication is OFF: every caller has every role. Keep this port on loopback "
                     "(`baton serve` with auth.tokens turns it on)")
 
-    async with open_runtime(settings) as runtime:
+    async with open_runtime(settings, clock) as runtime:
         runner = web.AppRunner(build_api(runtime, settings), access_log=None, handle_signals=False)
         await runner.setup()
         tune_gc()

@@ -711,6 +711,62 @@ def dlq(
         typer.echo(f"more: baton dlq --cursor {next_cursor}")
 
 
+PUBLISH_CONNECT_S = 5.0  # `baton publish` is interactive: a broker that is not there is said at once
+
+
+@app.command()
+def publish(
+    subject: Annotated[str, typer.Argument(help="NATS subject, e.g. orders.created")],
+    data: Annotated[str, typer.Argument(help="The event's data, as JSON")],
+    event_type: Annotated[str | None, typer.Option("--type", help="CloudEvent type (default: the subject)")] = None,
+    event_id: Annotated[str | None, typer.Option("--id", help="CloudEvent id, also the Nats-Msg-Id (default: random)")] = None,
+    source: Annotated[str, typer.Option(help="CloudEvent source")] = "baton-cli",
+    raw: Annotated[bool, typer.Option("--raw", help="Publish DATA as the body, not wrapped in a CloudEvent")] = False,
+    nats_url: Annotated[str | None, typer.Option("--nats-url", envvar="BATON_NATS_URL",
+                                                 help="NATS server (default: settings `nats_url`, else the "
+                                                      "embedded one of `baton dev` on 127.0.0.1)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Publish an event on NATS JetStream, as event triggers receive it: a CloudEvent
+    (structured JSON) whose id is also its Nats-Msg-Id, so publishing it again is a duplicate."""
+    import asyncio
+    import uuid
+
+    from server.bus.connection import Bus
+    from server.errors import BusError
+
+    body = _parse_json(data, "DATA")
+    settings = _settings(config)
+    servers = [u.strip() for u in nats_url.split(",") if u.strip()] if nats_url else settings.nats_servers
+    servers = servers or [f"nats://127.0.0.1:{settings.nats.embedded_port}"]
+    event_id = event_id or uuid.uuid4().hex
+    payload = body if raw else {
+        "specversion": "1.0", "id": event_id, "source": source, "type": event_type or subject,
+        "time": datetime.now().astimezone().isoformat(timespec="milliseconds"),
+        "datacontenttype": "application/json", "data": body,
+    }
+    nats_settings = settings.nats.model_copy(update={"startup_wait_s": PUBLISH_CONNECT_S})
+
+    async def send() -> Any:
+        bus = Bus(servers, nats_settings, name="baton-cli")
+        await bus.connect()
+        try:
+            return await bus.publish(subject, orjson.dumps(payload), msg_id=event_id)
+        finally:
+            await bus.close()
+
+    try:
+        ack = asyncio.run(send())
+    except BusError as exc:
+        hint = ""
+        if "no response from stream" in exc.message.lower():
+            hint = (f" (no JetStream stream captures {subject!r}: is Baton running, with a workflow whose "
+                    "event trigger matches it?)")
+        raise _fail(exc.message + hint) from None
+    note = " (duplicate: already in the stream, not delivered again)" if ack.duplicate else ""
+    typer.echo(f"published {event_id} on {subject}: stream {ack.stream}, seq {ack.seq}{note}")
+
+
 # --- approvals ------------------------------------------------------------------------
 
 
@@ -727,12 +783,15 @@ def approvals(
     if as_json:
         _print_json({"approvals": items, "next_cursor": next_cursor})
         return
-    table = Table("run", "workflow", "step", "message", "requested", "expires", "status" if status != "pending" else "link")
+    table = Table("run", "workflow", "step", "message", "requested", "expires", "status")
     for a in items:
-        last = a["status"] if status != "pending" else (a.get("link") or "(approver role needed)")
         table.add_row(a["run_id"], f"{a['workflow']}@{a['version']}", Text(a["key"]), Text(a.get("message") or ""),
-                      a.get("requested_at") or "", a.get("expires_at") or a.get("link_expires_at") or "", Text(last))
+                      a.get("requested_at") or "", a.get("expires_at") or a.get("link_expires_at") or "", a["status"])
     _out().print(table)
+    # links under the table, whole: a table column would cut them to the terminal's width
+    pending = [a for a in items if a["status"] == "pending"]
+    for a in pending:
+        typer.echo(f"link {a['run_id']} {a['key']}: {a.get('link') or '(the approver role is needed to see it)'}")
     if next_cursor:
         typer.echo(f"more: baton approvals --cursor {next_cursor}")
 

@@ -7,8 +7,6 @@ opentelemetry-proto, and keeps the spans as plain dicts.
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import threading
 import time
 from typing import Any
@@ -17,6 +15,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
 from tests.inproc import eventually
+from tests.loopback import ThreadedApp
 
 KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 STATUS = {0: "unset", 1: "ok", 2: "error"}
@@ -42,41 +41,20 @@ def _span(resource: dict[str, Any], s: Any) -> dict[str, Any]:
     }
 
 
-class OtlpReceiver:
+class OtlpReceiver(ThreadedApp):
     def __init__(self) -> None:
+        super().__init__()
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="otlp-receiver", daemon=True)
-        self._runner: web.AppRunner | None = None
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
 
     @property
     def endpoint(self) -> str:
         """For OTEL_EXPORTER_OTLP_ENDPOINT: the exporter appends /v1/traces."""
-        return f"http://127.0.0.1:{self.port}"
+        return self.url
 
-    def start(self) -> OtlpReceiver:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/traces", self._traces)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def _traces(self, request: web.Request) -> web.Response:
         body = ExportTraceServiceRequest()

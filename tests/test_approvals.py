@@ -451,9 +451,13 @@ def test_cli_lists_pending_approvals_and_decides_them(tmp_path):
         run_id = run["run_id"]
         server.wait_for(lambda: server.request("GET", f"/v1/approvals?run_id={run_id}")[1]["approvals"],
                         "the approval request")
-        listed = runner.invoke(cli_app, ["approvals", "--url", server.url])
+        (approval,) = server.request("GET", f"/v1/approvals?run_id={run_id}")[1]["approvals"]
+        listed = runner.invoke(cli_app, ["approvals", "--url", server.url], terminal_width=80)
         assert listed.exit_code == 0, listed.output
-        assert run_id in listed.stdout and "Ship 9?" in listed.stdout and f"{PUBLIC_URL}/v1/approvals/" in listed.stdout
+        assert run_id in listed.stdout and "Ship 9?" in listed.stdout
+        # the whole link, on a line of its own, whatever the terminal's width
+        assert f"link {run_id} gate: {approval['link']}" in listed.stdout.splitlines()
+        assert approval["link"].startswith(f"{PUBLIC_URL}/v1/approvals/")
         decided = runner.invoke(cli_app, ["approve", run_id, "--reject", "--comment", "not yet", "--url", server.url])
         assert decided.exit_code == 0, decided.output
         assert f"step gate of run {run_id} rejected by anonymous" in decided.stdout

@@ -199,6 +199,14 @@ def wiring_problems(compose: dict[str, Any], env: dict[str, str]) -> list[str]:
             if not str(port).startswith("127.0.0.1:"):
                 problems.append(f"service {name!r} publishes {port!r} beyond the host's loopback")
 
+    for name, value in env.items():  # the example handlers' services (SHOP_API_URL, ...): a service's published port
+        if name.endswith("_API_URL"):
+            where = urlsplit(value)
+            target = services.get(where.hostname or "")
+            ports = [str(p).rsplit(":", 1)[-1] for p in (target or {}).get("ports", [])]
+            if target is None or str(where.port) not in ports:
+                problems.append(f"{name}={value!r} is not the port of a service in this file")
+
     command = [str(a) for a in nats.get("command", [])]
     if "-js" not in command and "--jetstream" not in command:
         problems.append("nats runs without JetStream (-js)")
@@ -371,6 +379,9 @@ def _compose_with(change) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("change", "env_change", "expected"), [
     (None, lambda e: e.__setitem__("BATON_NATS_URL", "nats://natz:4222"), "BATON_NATS_URL='nats://natz:4222' is not"),
+    (None, lambda e: e.__setitem__("SHOP_API_URL", "http://standins:8091/shop"),
+     "SHOP_API_URL='http://standins:8091/shop' is not the port of a service"),
+    (None, lambda e: e.__setitem__("DEPLOY_API_URL", "http://127.0.0.1:8090/deploy"), "DEPLOY_API_URL="),
     (None, lambda e: e.__setitem__("BATON_NATS_URL", "nats://nats:4223"), "BATON_NATS_URL='nats://nats:4223' is not"),
     (None, lambda e: e.__setitem__("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
      "OTEL_EXPORTER_OTLP_ENDPOINT port 4317 is not Jaeger's OTLP port for http/protobuf (4318)"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 import handlers
 from server.definitions.loader import load_paths, load_workflow_text
 
@@ -19,7 +21,9 @@ def test_readme_workflow_example_loads():
 
 
 def test_shipped_workflows_validate_against_their_handlers():
-    handlers.load_modules(["handlers.examples.orders", "handlers.examples.deploy"])
+    config = YAML(typ="safe").load((REPO / "config" / "baton.yaml").read_text())
+    handlers.load_modules(config["handler_modules"])  # what `baton dev` imports
     loaded, problems = load_paths([REPO / "config" / "workflows"], known_handlers=set(handlers.REGISTRY.names()))
     assert problems == []
-    assert {w.model.name for w in loaded} >= {"order-saga", "deploy-with-approval"}
+    assert {w.model.name for w in loaded} >= {"nightly-dev-shutdown", "deploy-with-approval", "order-saga",
+                                              "etl-partitions", "incident-response"}

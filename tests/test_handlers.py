@@ -174,7 +174,7 @@ def test_load_modules_registers_the_examples() -> None:
     load_modules(["handlers.examples.orders", "handlers.examples.deploy"])
     for name in ["orders.reserve", "orders.release", "orders.charge", "orders.refund", "orders.ship"]:
         assert name in REGISTRY
-    for name in ["deploy.build", "deploy.apply", "deploy.rollback", "deploy.verify"]:
+    for name in ["deploy.check_build", "deploy.apply", "deploy.rollback", "deploy.shift_traffic", "deploy.verify"]:
         assert name in REGISTRY
 
 
@@ -299,13 +299,22 @@ async def test_fail_retryable_reports_the_requested_type() -> None:
     assert error_type_name(info.value) == "Flaky"
 
 
-async def test_examples_are_stable_across_retries() -> None:
+async def test_examples_are_stable_across_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handlers.examples.standins import shop
+
     load_modules(["handlers.examples.orders"])
-    first = await run("orders.reserve", {"order_id": "o1"}, attempt=1)
-    second = await run("orders.reserve", {"order_id": "o1"}, attempt=2)
-    assert first["reservation_id"] == second["reservation_id"]
-    with pytest.raises(NonRetryableError, match="carrier rejected the shipment"):
-        await run("orders.ship", {"order_id": "o1", "fail": True})
+    state = shop.State()
+    async with TestServer(shop.make_app(state), host="127.0.0.1") as server:
+        monkeypatch.setenv("SHOP_API_URL", str(server.make_url("")))
+        first = await run("orders.reserve", {"order_id": "o1", "items": ["widget"]}, attempt=1)
+        second = await run("orders.reserve", {"order_id": "o1", "items": ["widget"]}, attempt=2)
+        assert first["reservation_id"] == second["reservation_id"]
+        charged = [await run("orders.charge", {"order_id": "o1", "amount": 5}, attempt=n) for n in (1, 2)]
+        assert charged[0]["charge_id"] == charged[1]["charge_id"] and len(state.charges) == 1
+        with pytest.raises(NonRetryableError, match="does not ship order o1 to AQ"):
+            await invoke(REGISTRY.get("orders.ship"), make_ctx(step_id="ship"),
+                         {"order_id": "o1", "reservation_id": first["reservation_id"], "country": "AQ"}, name="ship")
+    assert state.stock["widget"] == 99
 
 
 # --- http.request against a real server ----------------------------------------

@@ -49,6 +49,20 @@ def test_map_items_hang_under_the_map_and_a_timeout_closes_the_attempt_with_an_e
     assert container.end == 6.0 and container.status == "error"
 
 
+def test_a_map_whose_run_succeeded_ends_ok_and_one_whose_run_failed_does_not():
+    ends = {}
+    for status in ("succeeded", "failed"):
+        t = trace()
+        closed = t.feed(rows(
+            (1.0, "run.started", None, {}),
+            (1.0, "step.scheduled", "parts[0]/load", {"task_id": f"{R}:parts[0]/load:1", "attempt": 1, "handler": "echo"}),
+            (2.0, "task.succeeded", "parts[0]/load", {"task_id": f"{R}:parts[0]/load:1"}),
+            (3.0, f"run.{status}", None, {"error": {"type": "X", "message": "no"}} if status == "failed" else {}),
+        ))
+        ends[status] = next(s.status for s in closed if s.name == "step parts")
+    assert ends == {"succeeded": "ok", "failed": "unset"}
+
+
 def test_waits_are_spans_that_close_with_what_ended_them():
     t = trace()
     t.feed(rows((1.0, "run.started", None, {})))
@@ -56,12 +70,13 @@ def test_waits_are_spans_that_close_with_what_ended_them():
         (2, 2.0, "step.waiting", "nap", {"until": 3602.0}),
         (3, 3602.0, "timer.fired", None, {"timer_id": "sleep:nap"}),
         (4, 3602.0, "approval.requested", "gate", {"attempt": 1}),
-        (5, 3700.0, "approval.decided", "gate", {"decision": "approve", "by": "alice"}),
+        (5, 3700.0, "approval.decided", "gate", {"decision": "approve", "by": {"name": "alice", "via": "link"}}),
     ])
     nap, gate = closed
     assert (nap.name, nap.start, nap.end, nap.status) == ("sleep nap", 2.0, 3602.0, "ok")
     assert (gate.name, gate.end, gate.status) == ("approval gate", 3700.0, "ok")
-    assert gate.events == [("approval decided", 3700.0, {"baton.approval.decision": "approve", "baton.approval.by": "alice"})]
+    assert gate.events == [("approval decided", 3700.0, {"baton.approval.decision": "approve", "baton.approval.by": "alice",
+                                                         "baton.approval.via": "link"})]
 
 
 def test_rows_fed_twice_count_once_and_a_run_retry_is_a_second_run_span():

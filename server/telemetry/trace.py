@@ -147,7 +147,11 @@ class RunTrace:
             return self._signal(at, data)
         elif type_ == "approval.decided" and key is not None:
             decision = data.get("decision")
-            attrs = {"baton.approval.decision": decision, "baton.approval.by": data.get("by") or ""}
+            by = data.get("by")  # {"name", "via"} from a person; "timeout" when the timeout decided
+            attrs = {"baton.approval.decision": decision,
+                     "baton.approval.by": str((by.get("name") if isinstance(by, dict) else by) or "")}
+            if isinstance(by, dict) and by.get("via"):
+                attrs["baton.approval.via"] = str(by["via"])
             return self._close_wait(key, at, "approval decided", attrs, OK if decision == "approve" else UNSET,
                                     str(decision))
         elif type_ in ("step.failed", "step.cancelled") and key is not None:
@@ -184,6 +188,9 @@ class RunTrace:
     def _end_run(self, at: float, status: str, data: dict[str, Any]) -> list[SpanRecord]:
         if self.run is None:
             return []
+        if status == "succeeded":  # history has no end of a parallel or map step: the run's success is theirs
+            for span in self.containers.values():
+                span.status = OK if span.status == UNSET else span.status
         closed = self._close_all(at)
         error = data.get("error") if isinstance(data.get("error"), dict) else None
         if status == "succeeded":
