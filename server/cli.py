@@ -736,9 +736,8 @@ def publish(
     from server.errors import BusError
 
     body = _parse_json(data, "DATA")
-    settings = _settings(config)
-    servers = [u.strip() for u in nats_url.split(",") if u.strip()] if nats_url else settings.nats_servers
-    servers = servers or [f"nats://127.0.0.1:{settings.nats.embedded_port}"]
+    settings = _settings(config, nats_url=nats_url)
+    servers = settings.nats_servers or [f"nats://127.0.0.1:{settings.nats.embedded_port}"]
     event_id = event_id or uuid.uuid4().hex
     payload = body if raw else {
         "specversion": "1.0", "id": event_id, "source": source, "type": event_type or subject,

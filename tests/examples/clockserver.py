@@ -6,7 +6,7 @@ TEST_CLOCK_START (unix seconds) and moves only when the test says so, on a secon
 loopback port, TEST_CLOCK_PORT:
 
     GET  /clock                   {"now": t, "sleepers": [deadline, ...]}
-    POST /clock {"set": t}        or {"advance": seconds}; the same answer
+    POST /clock {"set": t}        the same answer, once the clock reads t
 
 Schedules, durable timers and approval timeouts then fire when the test moves the
 clock past them, and not before: a 19:00 cron trigger or a 15-minute escalation is
@@ -35,10 +35,7 @@ def control_app(clock: ManualClock) -> web.Application:
     async def move(request: web.Request) -> web.Response:
         body = await request.json()
         try:
-            if "set" in body:
-                clock.set(float(body["set"]))
-            else:
-                clock.advance(float(body["advance"]))
+            clock.set(float(body["set"]))
         except (KeyError, TypeError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return state()

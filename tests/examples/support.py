@@ -1,5 +1,5 @@
 """What the example tests share: the server as `baton dev` runs the examples, moto's
-EC2 in server mode, and stand-in HTTP services that record what they are sent."""
+EC2 in server mode, and the stand-in services of handlers/examples/standins."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,7 +29,7 @@ class ExampleServer(ServerProcess):
     test's nats-server and API authentication is off, as in `baton dev`.
 
     With `clock_start` (unix seconds) it runs `tests.examples.clockserver` instead: the
-    same server with a clock that moves only by `set_clock`/`advance_clock`."""
+    same server with a clock that moves only by `set_clock`."""
 
     def __init__(self, data_dir: Path, nats_url: str, *, clock_start: float | None = None, **env: str) -> None:
         self.clock_port = free_port() if clock_start is not None else None
@@ -95,9 +94,6 @@ class ExampleServer(ServerProcess):
     def set_clock(self, t: float) -> None:
         self._clock({"set": t})
 
-    def advance_clock(self, seconds: float) -> None:
-        self._clock({"advance": seconds})
-
     def wait_sleeping_until(self, deadline: float, what: str, timeout_s: float = 15.0) -> None:
         """Wait until something in the server sleeps until `deadline` (a schedule's next
         fire, an approval's timeout): moving the clock then cannot race its arming."""
@@ -136,37 +132,6 @@ class MotoServer(ChildProcess):
                     self.kill()
                     raise TimeoutError(f"moto_server not up within {timeout_s}s:\n{self.log.read_text()[-3000:]}")
                 time.sleep(0.1)
-
-
-class StandIn(ThreadedApp):
-    """A stand-in HTTP service on loopback: JSON routes answered by plain functions
-    `(request, path_params) -> (status, json)`, where `request` is the recorded entry, and a record of every request."""
-
-    def __init__(self, handlers: dict[tuple[str, str], Callable[[dict[str, Any], dict[str, str]], tuple[int, Any]]]) -> None:
-        super().__init__()
-        self.handlers = handlers
-        self.requests: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def routes(self, app: web.Application) -> None:
-        for (method, path) in self.handlers:
-            app.router.add_route(method, path, self._answer)
-
-    async def _answer(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        body = json.loads(raw) if raw else None
-        entry = {"method": request.method, "path": request.path, "query": dict(request.query), "body": body,
-                 "headers": dict(request.headers), "at": time.monotonic()}
-        with self._lock:
-            self.requests.append(entry)
-        route = request.match_info.route.resource.canonical
-        status, answer = self.handlers[(request.method, route)](entry, dict(request.match_info))
-        return web.json_response(answer, status=status)
-
-    def seen(self, method: str | None = None, path: str | None = None) -> list[dict[str, Any]]:
-        with self._lock:
-            return [r for r in self.requests if (method is None or r["method"] == method)
-                    and (path is None or r["path"] == path)]
 
 
 class StandInServices(ThreadedApp):

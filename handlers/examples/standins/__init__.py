@@ -15,9 +15,14 @@ on a free loopback port. Nothing in the server imports this package.
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+T = TypeVar("T")
 
 DEFAULT_URL = "http://127.0.0.1:8090"
 SERVICES = ("shop", "deploy", "incidents")  # handlers/examples/standins/<name>.py, mounted at /<name>/
@@ -33,3 +38,17 @@ def mount(root: web.Application, name: str, state: object | None = None) -> obje
     state = module.State() if state is None else state
     root.add_subapp(f"/{name}/", module.make_app(state))
     return state
+
+
+def first_answer(lock: threading.Lock | threading.RLock, answers: dict[str, Any], key: str | None,
+                 make: Callable[[], T]) -> tuple[T, bool]:
+    """An Idempotency-Key as payment APIs honour it: the answer the first request with
+    `key` got (`make()` runs once per key, under `lock`), and whether this request
+    repeats it. Without a key every request is new."""
+    with lock:
+        if key and key in answers:
+            return answers[key], True
+        answer = make()
+        if key:
+            answers[key] = answer
+        return answer, False

@@ -28,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
+from handlers.examples.standins import first_answer
+
 DEFAULT_ERROR_RATE = 0.002  # a healthy service: 0.2% of requests fail
 _SERVICE_LABEL = re.compile(r'service="([^"]+)"')
 
@@ -167,14 +169,8 @@ def _record(state: State, request: web.Request, body: Any, repeat: bool = False)
 async def _once(state: State, request: web.Request, body: Any,
                 apply: Callable[[], tuple[int, Any]]) -> web.Response:
     """Apply a side effect once per Idempotency-Key; a repeat gets the first answer."""
-    key = request.headers.get("Idempotency-Key")
+    seen, repeat = first_answer(state._lock, state._answers, request.headers.get("Idempotency-Key"), apply)
     with state._lock:
-        seen = state._answers.get(key) if key else None
-        repeat = seen is not None
-        if seen is None:
-            seen = apply()
-            if key:
-                state._answers[key] = seen
         _record(state, request, body, repeat)
         if not repeat and state.lost_answers > 0:
             state.lost_answers -= 1

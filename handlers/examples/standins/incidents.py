@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from handlers.examples.standins import first_answer
+
 # What the enrichment service knows; anything else is "unowned", with the generic runbook.
 CATALOGUE: dict[str, dict[str, Any]] = {
     "checkout": {"team": "payments", "runbook": "https://runbooks.example.com/checkout",
@@ -76,14 +78,7 @@ def make_app(state: State) -> web.Application:
         return data
 
     def once(request: web.Request, make: Any) -> web.Response:
-        """The first answer for an Idempotency-Key, made by `make()` only once."""
-        key = request.headers.get("Idempotency-Key")
-        with state._lock:
-            if key and key in state._answers:
-                return web.json_response(state._answers[key])
-            answer = make()
-            if key:
-                state._answers[key] = answer
+        answer, _ = first_answer(state._lock, state._answers, request.headers.get("Idempotency-Key"), make)
         return web.json_response(answer)
 
     async def enrich(request: web.Request) -> web.Response:
