@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"runs in flight at once (default: {DEFAULT_CONCURRENCY})")
     parser.add_argument("--warmup", type=int, default=50, help="runs before measuring, not counted (default: 50)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RUNS} runs, for a smoke test")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the store: sqlite (one server), or postgres (replicas; see --replicas)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="with --db postgres: measure 1 replica, then this many sharing the database (default: 1)")
     harness.add_server_arguments(parser)
 
 
@@ -73,6 +77,10 @@ def measure(args: argparse.Namespace, workload: str, runs: int, concurrency: int
 
 def main(args: argparse.Namespace) -> int:
     runs = QUICK_RUNS if args.quick else args.runs
+    if args.db == "postgres" or args.replicas > 1:
+        from bench import replicas
+
+        return replicas.main(args, runs, {"chain3.yaml": WORKFLOW_YAML}, WORKFLOW)
     figures = measure(args, "chain3", runs, args.concurrency)
     harness.report(f"chain3: {runs} runs, {args.concurrency} in flight, sqlite {args.sync}", figures)
     return 0 if figures["failures"] == 0 else 1

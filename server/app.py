@@ -1,4 +1,4 @@
-"""Wiring: the only module that names concrete adapters (SQLite store, NATS, aiohttp site)."""
+"""Wiring: the only module that names concrete adapters (the store, NATS, aiohttp site)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ from server.bus.outbox import OutboxPublisher
 from server.bus.remote import RemoteTasks
 from server.bus.signals import SignalListener
 from server.definitions.catalog import Catalog
-from server.errors import BusError, DefinitionError
+from server.cluster import Cluster
+from server.errors import BusError, ConfigError, DefinitionError
 from server.runtime.approvals import ApprovalLinks, load_secret
 from server.runtime.clock import Clock
 from server.runtime.runner import Runtime
 from server.settings import Settings
-from server.store.sqlite import SQLiteStore
+from server.store import make_store
 from server.telemetry import logs
 from server.telemetry.tracing import RunSpans, make_exporter, make_provider, tracing_enabled
 from server.triggers.events import EventTriggers
@@ -105,9 +106,10 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
     """
     catalog = load_catalog(settings)
     schedules = compile_schedules(catalog, settings)  # unknown calendars fail here, before anything starts
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    if not settings.db_is_postgres:
+        settings.db_path.parent.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        store = SQLiteStore(settings.db_path, synchronous=settings.sqlite_sync)
+        store = make_store(settings)
         await store.open()
         stack.push_async_callback(store.close)
         bus = await stack.enter_async_context(open_bus(settings))
@@ -116,6 +118,12 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             stack.callback(nats_handlers.use, None)
         stack.push_async_callback(handlers.REGISTRY.aclose)
         runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
+        cluster = None
+        if settings.db_is_postgres:  # replicas share the work on one database: before start(), which it changes
+            if bus is None:
+                raise ConfigError("several replicas on PostgreSQL share their work through NATS: "
+                                  "set nats_url (nats.enabled is off)")
+            cluster = runtime.cluster = Cluster(settings.cluster, store, bus, runtime)
         store.on_group = runtime.metrics.store_group  # group commit latency and size
         approvals = settings.approvals
         configured = approvals.secret.get_secret_value() if approvals.secret is not None else None
@@ -131,12 +139,14 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
             await bus.ensure_stream(APPROVALS_STREAM)  # before the outbox publishes rows of a previous run
             runtime.approval_events = True
             # publishes what the runtime and the triggers commit (lifecycle events, dead letters): stops after them
-            outbox = OutboxPublisher(bus, store)
+            # replicas commit rows of each other's: look for them every lease period
+            outbox = OutboxPublisher(bus, store, rescan_s=settings.cluster.lease_s / 4 if cluster else None)
             await outbox.start()
             stack.push_async_callback(outbox.stop)
             runtime.lifecycle, runtime.outbox_written = settings.nats.lifecycle_events, outbox.wake
             # sends the queue steps the runtime dispatches (recovery too): closes after it stops
-            remote = RemoteTasks(bus, runtime, runtime.clock)
+            remote = RemoteTasks(bus, runtime, runtime.clock,
+                                 **({"ack_wait_s": settings.cluster.lease_s / 2} if cluster else {}))
             await remote.prepare()
             stack.push_async_callback(remote.close)
             runtime.remote = remote
@@ -153,8 +163,11 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
         logs.register_secrets(*(hook.secret.decode() for hook in runtime.webhooks.hooks.values() if hook.secret))
         # cron and interval triggers feed the runtime: start after it, stop before it
         scheduler = Scheduler(runtime, store, schedules, settings, runtime.clock)
-        await scheduler.start()
-        stack.push_async_callback(scheduler.stop)
+        if cluster is not None:  # the replica holding the time lease runs it
+            cluster.scheduler = scheduler
+        else:
+            await scheduler.start()
+            stack.push_async_callback(scheduler.stop)
         runtime.scheduler = scheduler
         if bus is not None:  # feeds the runtime: starts after it, stops before it
             triggers = EventTriggers(bus, runtime, store, settings.nats)
@@ -168,6 +181,17 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
         if bus is not None:  # worker results feed the runtime: start after it, stop before it
             await remote.start()
             stack.push_async_callback(remote.stop)
+        if cluster is not None:
+            # this replica's worker on the shared queue of in-process steps: stops first, so
+            # its last results are still taken
+            from server.worker import Worker  # it imports this module
+
+            worker = Worker(bus, [settings.cluster.queue], handlers.REGISTRY,
+                            concurrency=settings.limits.max_concurrent_tasks, name=cluster.replica)
+            await worker.start()
+            stack.push_async_callback(worker.stop, settings.limits.shutdown_grace_s)
+            await cluster.start()  # leads or follows: stops (and hands the lease over) before the rest
+            stack.push_async_callback(cluster.stop)
         yield runtime
 
 
@@ -206,7 +230,7 @@ async def serve(settings: Settings, *, dev: bool = False, clock: Clock | None = 
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else settings.port
         mode = "dev" if dev else "serve"
-        log.info("Baton (%s) listening on http://%s:%d, database %s", mode, settings.host, port, settings.db_path)
+        log.info("Baton (%s) listening on http://%s:%d, database %s", mode, settings.host, port, settings.db_display)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

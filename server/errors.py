@@ -8,6 +8,8 @@
     │   └── RunNotFound
     ├── InvalidInput             run input does not match the workflow's input_schema
     ├── Conflict                 the request contradicts the run's state (e.g. signal to a finished run)
+    │   ├── Stale                a run row written over a revision another decision changed
+    │   └── Fenced               a batch fenced by a lease its writer no longer holds
     ├── PayloadTooLarge
     ├── UnsupportedMediaType     a body that is not JSON where JSON is required (webhooks)
     ├── Unauthorized             no valid credentials: bearer token, webhook signature, approval token
@@ -69,6 +71,20 @@ class InvalidInput(BatonError):
 
 class Conflict(BatonError):
     code = "conflict"
+
+
+class Stale(Conflict):
+    """A run row was committed with a revision that is no longer the stored one: another
+    decision (another replica) wrote the run since this one read it."""
+
+    code = "stale"
+
+
+class Fenced(Conflict):
+    """A batch carried a lease fence (name, holder, token) that no longer holds: another
+    holder took the lease, or it expired."""
+
+    code = "fenced"
 
 
 class PayloadTooLarge(BatonError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -140,6 +141,20 @@ class Schedules(BaseModel):
     keep_fires: int = Field(1000, ge=10, le=1_000_000)
 
 
+class Cluster(BaseModel):
+    """Several replicas on one PostgreSQL database (BATON_DB=postgresql://...) and one NATS
+    cluster (server/cluster.py). Unused with SQLite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # this replica's name in leases and logs; default host:pid
+    replica: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+    # a replica silent this long is taken for dead: the time leader's lease, each replica's
+    # liveness lease and the heartbeat deadline of in-process steps all expire after it
+    lease_s: float = Field(10.0, ge=1.0, le=300.0)
+    # the JetStream work queue that in-process steps go through, shared by every replica
+    queue: str = Field("baton", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class Tracing(BaseModel):
     """OpenTelemetry traces (server/telemetry/tracing.py). The exporter itself is set up by
     the standard OTEL_* variables: OTEL_EXPORTER_OTLP_ENDPOINT, _PROTOCOL, _HEADERS, ..."""
@@ -192,7 +207,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     data_dir: Path = Path(".baton")
-    db: str | None = None  # SQLite file path; default <data_dir>/baton.db
+    # a SQLite file path (default <data_dir>/baton.db), or a postgresql:// URL
+    db: str | None = None
     sqlite_sync: Literal["normal", "full"] = "normal"
     workflows: list[Path] = [Path("config/workflows")]
     handler_modules: list[str] = []
@@ -219,6 +235,7 @@ class Settings(BaseSettings):
     approvals: Approvals = Approvals()
     schedules: Schedules = Schedules()
     tracing: Tracing = Tracing()
+    cluster: Cluster = Cluster()
     # named days and windows that schedule triggers `exclude` or keep to (`only_within`)
     calendars: dict[str, CalendarSpec] = {}
 
@@ -233,6 +250,21 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return Path(self.db) if self.db else self.data_dir / "baton.db"
+
+    @property
+    def db_is_postgres(self) -> bool:
+        return (self.db or "").startswith(("postgresql://", "postgres://"))
+
+    @property
+    def db_display(self) -> str:
+        """The database for a log line: the SQLite path, or the URL with its password masked."""
+        if not self.db_is_postgres:
+            return str(self.db_path)
+        parts = urlsplit(self.db or "")
+        if parts.password is None:
+            return self.db or ""
+        userinfo, _, host = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
 
     @property
     def nats_servers(self) -> list[str]:

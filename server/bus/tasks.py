@@ -71,10 +71,10 @@ def worker_consumer(queue: str) -> ConsumerConfig:
     )
 
 
-def results_consumer(max_ack_pending: int) -> ConsumerConfig:
+def results_consumer(max_ack_pending: int, ack_wait_s: float = RESULT_ACK_WAIT_S) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=RESULTS_CONSUMER, filter_subject="baton.results.>", ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=RESULT_ACK_WAIT_S, max_ack_pending=max_ack_pending,
+        ack_wait=ack_wait_s, max_ack_pending=max_ack_pending,
     )
 
 

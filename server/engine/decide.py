@@ -68,6 +68,7 @@ from server.errors import ExpressionError
 
 RUN_TIMEOUT = "run-timeout"
 ITEMS_SUFFIX = "#items"
+LOST_ATTEMPTS = 3  # attempts lost with a replica that are made again beyond the retry policy (Node.replace_lost)
 HEARTBEAT_TIMERS = frozenset({"heartbeat", "cheartbeat"})  # `heartbeat:K:attempt`, `cheartbeat:K:attempt`
 
 
@@ -125,12 +126,12 @@ def inflight_commands(state: RunState) -> list[Command]:
         ctx = d._ctx(key)
         if phase == "step":
             rendered = node.input.render(ctx) if node.input is not None else None
-            out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, attempt, node.timeout_s, node.step.queue,
+            out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, attempt, node.timeout_s, node.queue,
                                    heartbeat_s=node.heartbeat_s))
         else:
             comp = node.step.compensate
             rendered = node.compensate_input.render(ctx) if node.compensate_input is not None else None
-            out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, attempt, comp.timeout, node.step.queue,
+            out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, attempt, comp.timeout, node.queue,
                                    compensation=True, heartbeat_s=node.heartbeat_s))
     for key in state.children:
         node = d.nodes[key.rpartition("/")[2]]
@@ -403,7 +404,7 @@ class _Decider:
         task_id = f"{s.run_id}:{key}:{st.attempt}"
         s.tasks[task_id] = [key, "step", st.attempt]
         self.out.append(ExecuteTask(task_id, key, node.id, node.step.task, rendered, st.attempt,
-                                    node.timeout_s, node.step.queue, heartbeat_s=node.heartbeat_s))
+                                    node.timeout_s, node.queue, heartbeat_s=node.heartbeat_s))
         if node.timeout_s is not None:
             self._start_timer(f"timeout:{key}:{st.attempt}", self.now + node.timeout_s)
 
@@ -643,9 +644,15 @@ class _Decider:
             return
         self._cancel_timer(f"{'timeout' if step else 'ctimeout'}:{key}:{attempt}")
         self.out.append(CancelTask(task_id))
-        heartbeat_s = self.nodes[key.rpartition("/")[2]].heartbeat_s
-        error = ErrorInfo("HeartbeatTimeout", f"no heartbeat from the worker of {task_id} for {heartbeat_s:g}s")
-        if step:
+        node = self.nodes[key.rpartition("/")[2]]
+        error = ErrorInfo("HeartbeatTimeout", f"no heartbeat from the worker of {task_id} for {node.heartbeat_s:g}s")
+        st = self.s.steps[key]
+        if step and node.replace_lost and st.attempt < node.retry.max_attempts + LOST_ATTEMPTS:
+            st.status, st.error = RETRYING, error.to_dict()
+            self._dirty(key)
+            self.note("step.retrying", key, {"attempt": st.attempt, "delay_s": 0, "error": error.to_dict(), "lost": True})
+            self._start_timer(f"retry:{key}", self.now)
+        elif step:
             self._attempt_failed(key, error, jitter)
         else:
             self._compensation_attempt_failed(key, error, jitter)
@@ -764,7 +771,7 @@ class _Decider:
         task_id = f"{s.run_id}:{key}:compensate:{st.comp_attempt}"
         s.tasks[task_id] = [key, "compensate", st.comp_attempt]
         self.out.append(ExecuteTask(task_id, key, node.id, comp.task, rendered, st.comp_attempt, comp.timeout,
-                                    node.step.queue, compensation=True, heartbeat_s=node.heartbeat_s))
+                                    node.queue, compensation=True, heartbeat_s=node.heartbeat_s))
         if comp.timeout is not None:
             self._start_timer(f"ctimeout:{key}:{st.comp_attempt}", self.now + comp.timeout)
 

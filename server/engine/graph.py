@@ -56,6 +56,13 @@ class Node:
     compensate_retry: RetryPolicy = NO_RETRY
     heartbeat_s: float | None = None  # queue steps: a worker silent this long is taken for dead
     approval_message: Template | None = None
+    queue: str | None = None  # the remote queue its task (and compensation) is sent to; None: run in process
+    # an in-process step sent to the replicas' shared queue (on_queue): an attempt whose
+    # worker went silent died with its replica, like an attempt cut short by a crash of a
+    # single server, so it is made again at once, whatever the retry policy, up to
+    # LOST_ATTEMPTS times more than the policy allows (a handler that kills its process every
+    # time must not go round the cluster for ever)
+    replace_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +176,7 @@ class _Compiler:
         if step.when is not None:
             kw["when"] = self._expression(step.when, (*loc, "when"))
         if step.queue is not None:
+            kw["queue"] = step.queue
             kw["heartbeat_s"] = step.heartbeat or DEFAULT_HEARTBEAT_S
         if step.task is not None:
             if step.queue is None:
@@ -217,6 +225,18 @@ class _Compiler:
         except ExpressionError as exc:
             self.problems.append((loc, exc.message))
             return None
+
+
+def on_queue(graph: CompiledWorkflow, queue: str, heartbeat_s: float) -> CompiledWorkflow:
+    """The same workflow with every in-process task step (and its compensation) sent to
+    `queue` instead, with a heartbeat deadline: how replicas sharing one database run
+    steps, so that any of them may run any attempt and a dead one's are retried."""
+    nodes = {
+        sid: dataclasses.replace(node, queue=queue, heartbeat_s=heartbeat_s, replace_lost=True)
+        if node.queue is None and (node.step.task is not None or node.step.compensate is not None) else node
+        for sid, node in graph.nodes.items()
+    }
+    return dataclasses.replace(graph, nodes=nodes)
 
 
 def compile_workflow(wf: Workflow, def_hash: str = "") -> CompiledWorkflow:

@@ -108,6 +108,7 @@ class RunState:
     # bookkeeping for the runtime, not part of the run's meaning: the engine ignores them
     parent: list[str] | None = None  # [parent run id, step key] for a child workflow run
     seq: int = 0  # last history sequence number written
+    rev: int = 0  # the stored row's revision this state was read at (the store's fence); not in to_dict
     slot: str | None = None  # concurrency key, for workflows with a `concurrency` limit
     queued_start: dict[str, Any] | None = None  # the Start event of a run waiting for a slot
     dirty: set[str] = field(default_factory=set)

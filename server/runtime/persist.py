@@ -23,7 +23,7 @@ def run_row(state: RunState, now: float) -> RunRow:
         run_id=state.run_id, workflow=state.workflow, version=state.version, def_hash=state.graph.def_hash,
         workflow_id=state.workflow_id, status=state.status, created_at=state.created_at or now, updated_at=now,
         finished_at=state.finished_at, inflight=len(state.tasks) + len(state.children),
-        data=orjson.dumps(state.to_dict()),
+        data=orjson.dumps(state.to_dict()), rev=state.rev,
     )
 
 
@@ -47,7 +47,9 @@ def load_state(row: RunRow, steps: list[StepRow], graph: CompiledWorkflow) -> Ru
         r.key: StepState.from_dict(r.key, orjson.loads(r.data), items.get(r.key))
         for r in steps if not r.key.endswith(ITEMS_SUFFIX)
     }
-    return RunState.from_dict(row.run_id, graph, orjson.loads(row.data), states)
+    state = RunState.from_dict(row.run_id, graph, orjson.loads(row.data), states)
+    state.rev = row.rev
+    return state
 
 
 def history_rows(state: RunState, at: float, event: Event | None, commands: list[Command]) -> list[HistoryRow]:
@@ -64,11 +66,16 @@ def history_rows(state: RunState, at: float, event: Event | None, commands: list
 
 
 def _event_key(state: RunState, event: Event) -> str | None:
-    """The step an event is about; task ids are `<run_id>:<key>:<attempt>` (or `:compensate:<n>`)."""
+    """The step an event is about."""
     task_id = getattr(event, "task_id", None)
     if task_id is None:
         return getattr(event, "key", None)
-    rest = task_id[len(state.run_id) + 1:].rsplit(":", 1)[0]
+    return task_key(state.run_id, task_id)
+
+
+def task_key(run_id: str, task_id: str) -> str:
+    """The step key of an attempt: task ids are `<run_id>:<key>:<attempt>` (or `:compensate:<n>`)."""
+    rest = task_id[len(run_id) + 1:].rsplit(":", 1)[0]
     return rest[: -len(":compensate")] if rest.endswith(":compensate") else rest
 
 

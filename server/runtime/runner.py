@@ -41,10 +41,10 @@ from server.engine.events import (
     TaskFailed,
     TaskHeartbeat, TimerFired, event_to_dict,
 )
-from server.engine.graph import CompiledWorkflow, compile_workflow
+from server.engine.graph import CompiledWorkflow, compile_workflow, on_queue
 from server.engine.state import CANCELLED, COMPENSATED, COMPENSATING, FAILED, QUEUED, RUNNING, RunState
 from server.errors import (
-    BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, StoreError, Unavailable,
+    BatonError, Conflict, ExpressionError, InvalidInput, NotFound, RunNotFound, Stale, StoreError, Unavailable,
     WorkflowNotFound,
 )
 from server.runtime import export
@@ -66,6 +66,9 @@ log = logging.getLogger("baton.runtime")
 
 ORJSON_MAX_DEPTH = 254  # the deepest nesting orjson.dumps writes
 MAX_INPUT_DEPTH = 128  # nesting allowed in a run's input, event and signal data (see _require_storable)
+# An event whose decision keeps losing the race for its run to other replicas (Stale) is
+# decided again from the stored state this many times, then refused as a Conflict.
+MAX_STALE_TRIES = 20
 MAX_BATCH = 1024  # events decided per commit; bounds the latency one commit adds
 # While commits fail, a small write is tried this often (doubling up to the cap): with no
 # new work taken, nothing else may commit to tell the runtime that the store is back.
@@ -75,11 +78,12 @@ Check = Callable[[RunState], Awaitable[Any]]
 
 
 class _Item:
-    __slots__ = ("run_id", "event", "check", "future", "new_state")
+    __slots__ = ("run_id", "event", "check", "future", "new_state", "tries")
 
     def __init__(self, run_id: str, event: Event, check: Check | None = None,
                  future: asyncio.Future | None = None, new_state: RunState | None = None) -> None:
         self.run_id, self.event, self.check, self.future, self.new_state = run_id, event, check, future, new_state
+        self.tries = 0  # decisions of it that lost the race for a run to another replica (Stale)
 
 
 _STOP = object()
@@ -160,6 +164,10 @@ class Runtime:
         self.run_spans: Any = None
         # tracer_provider: the OpenTelemetry provider, for API request spans; None when tracing is off
         self.tracer_provider: Any = None
+        # cluster (server/cluster.py): set when replicas share a PostgreSQL database. Then every
+        # step goes through a JetStream work queue (via the outbox), only the time leader
+        # fires timers and schedules and recovers, and runs are not assumed to be ours alone
+        self.cluster: Any = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -181,7 +189,7 @@ class Runtime:
         known = {row.def_hash for row in await self.store.list_definitions()}  # one read, not one per version
         for name in self.catalog.names():
             for loaded in self.catalog.versions(name):
-                self._graphs[loaded.def_hash] = loaded.compiled
+                self._graphs[loaded.def_hash] = self._placed(loaded.compiled)
                 if loaded.def_hash in known:
                     continue
                 known.add(loaded.def_hash)
@@ -193,6 +201,10 @@ class Runtime:
             await self.store.commit(new)
         await self.metrics.load(self.store, self._graph)  # open runs and waits, before the pump moves them
         self._pump_task = asyncio.create_task(self._pump(), name="baton-pump")
+        if self.cluster is not None:  # the replica that wins the time lease recovers (lead())
+            self._accepting = True
+            log.info("runtime started as replica %s: %d workflows", self.cluster.replica, len(self.catalog))
+            return
         recovered = await self._recover()
         await self.timers.start()
         self._accepting = True
@@ -216,7 +228,25 @@ class Runtime:
                 if not fut.done():
                     fut.cancel()
 
-    async def _recover(self) -> int:
+    async def lead(self) -> int:
+        """This replica won the time lease: recover what is in flight, fire the timers. Other
+        replicas arm timers through NATS, and a notice may be lost: the store is read again
+        every lease period."""
+        self.timers = Timers(self.store, self.clock, self._timer_fired, refill_s=self.cluster.lease_s)
+        recovered = await self._recover()
+        await self.timers.start()
+        return recovered
+
+    async def follow(self) -> None:
+        """This replica lost the time lease (or is stopping): another one fires the timers."""
+        await self.timers.stop()
+
+    async def sweep(self) -> int:
+        """After a replica died: start the child runs whose start it committed but had not
+        made yet. Its steps' messages are in the outbox, and their heartbeats stop by themselves."""
+        return await self._recover(heartbeats=False)
+
+    async def _recover(self, *, heartbeats: bool = True) -> int:
         await self._recover_slots()
         rows = await self.store.recoverable_runs()
         queued: list[RunState] = []
@@ -227,12 +257,14 @@ class Runtime:
             if state.status == QUEUED:
                 queued.append(state)
                 continue
-            self._cache[state.run_id] = state
-            if state.workflow_id and not state.terminal:
-                self._open_wids[(state.workflow, state.workflow_id)] = state.run_id
+            if self.cluster is None:
+                self._cache[state.run_id] = state
+                if state.workflow_id and not state.terminal:
+                    self._open_wids[(state.workflow, state.workflow_id)] = state.run_id
             self._dispatch(state, inflight_commands(state))
-            for task_id in started_remote_tasks(state):  # queued before the timers start firing
-                self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
+            if heartbeats:
+                for task_id in started_remote_tasks(state):  # queued before the timers start firing
+                    self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
         for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
             self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
         for key in list(self._queued):
@@ -291,7 +323,7 @@ class Runtime:
         _require_storable(input, "input")
         _require_storable(event, "event")
         self._validate_input(loaded, input)
-        state = new_run(run_id or uuid.uuid4().hex, loaded.compiled)
+        state = new_run(run_id or uuid.uuid4().hex, self._graphs.get(loaded.def_hash) or self._placed(loaded.compiled))
         state.parent = parent
         state.slot = self._slot_of(loaded, input, event)
         start = Start(self.clock.now(), input=input, event=event, workflow_id=workflow_id, by=by)
@@ -403,6 +435,8 @@ class Runtime:
                 row = await self._stored_run(run_id)
                 if row.status in TERMINAL:
                     return _summary_row(row)
+            if self.cluster is not None:  # another replica may decide its end: look in the store too
+                return await self._wait_stored(run_id, fut, timeout_s)
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             # RunNotFound still, for a run that was only in memory and whose first commit failed
@@ -413,6 +447,20 @@ class Runtime:
                 waiting.remove(fut)
                 if not waiting:
                     del self._waiters[run_id]
+
+    async def _wait_stored(self, run_id: str, fut: asyncio.Future, timeout_s: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            done, _ = await asyncio.wait([fut], timeout=min(left, self.cluster.poll_s))
+            if done:
+                return fut.result()
+            row = await self._stored_run(run_id)
+            if row.status in TERMINAL:
+                return _summary_row(row)
 
     async def list_dead_letters(self, *, limit: int = 50, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         before = None if cursor is None else parse_id(cursor, "cursor")
@@ -575,6 +623,9 @@ class Runtime:
             batch.history += history_rows(state, item.event.at, item.event, commands)
             if self.lifecycle:
                 batch.outbox += lifecycle_rows(state, item.event, commands)
+            if self.cluster is not None:  # committed with the decision, sent by whichever replica's outbox
+                batch.outbox += [self.cluster.task_row(cmd, self._run_info(state)) for cmd in commands
+                                 if isinstance(cmd, ExecuteTask)]
             requested += approval_changes(state, item.event, commands, batch, self.approval_links, self.approval_events)
             if isinstance(item.event, TimerFired):
                 timer_ops[(state.run_id, item.event.timer_id)] = None
@@ -601,6 +652,8 @@ class Runtime:
         except BatonError as exc:
             self._commit_failed(exc, touched, decided)
             return
+        for state in touched.values():
+            state.rev += 1  # what the store now holds: the next decision is fenced on it
         if not self._store_ok:
             self._store_recovered()
         # committed: from here a failure must not stop the dispatch below (the tasks and
@@ -627,8 +680,10 @@ class Runtime:
             if item.future is not None:  # most events are handler outcomes that nobody awaits
                 _resolve(item, _summary(state, now))
         for state in touched.values():
-            if state.terminal or not (state.tasks or state.children):
-                self._cache.pop(state.run_id, None)  # waiting or done: the store holds it
+            # waiting or done: the store holds it. In a cluster the next event of any run may be
+            # decided by another replica, and a state kept here would then lose its next commit
+            if state.terminal or not (state.tasks or state.children) or self.cluster is not None:
+                self._cache.pop(state.run_id, None)
 
     def _commit_failed(self, exc: BatonError, touched: dict[str, RunState],
                        decided: list[tuple[RunState, list[Command], _Item]]) -> None:
@@ -638,7 +693,11 @@ class Runtime:
         failing = isinstance(exc, StoreError)
         if failing:
             self._store_ok, self._store_error = False, exc.message
-        log.error("commit of %d runs failed: %s", len(touched), exc.message)
+        stale = isinstance(exc, Stale)
+        if stale:  # another replica decided one of these runs first: decide again from the store
+            log.info("%s; deciding %d events again", exc.message, len(decided))
+        else:
+            log.error("commit of %d runs failed: %s", len(touched), exc.message)
         for state in touched.values():
             self._cache.pop(state.run_id, None)
             if state.workflow_id:
@@ -647,6 +706,14 @@ class Runtime:
             if item.new_state is not None:
                 if state.slot is not None:
                     self._release(state)  # a start never stored holds no concurrency slot
+                if stale:  # decide the start afresh: the one made is spent
+                    fresh = new_run(state.run_id, state.graph)
+                    fresh.parent, fresh.slot = state.parent, state.slot
+                    item.new_state = fresh
+            if stale and item.tries < MAX_STALE_TRIES:
+                item.tries += 1
+                self._inbox.put_nowait(item)
+                continue
             # a lost heartbeat is replaced by the next one; an awaited event's caller got the error
             elif failing and item.future is None and not isinstance(item.event, TaskHeartbeat):
                 key = (item.run_id, item.event.timer_id) if isinstance(item.event, TimerFired) else item
@@ -691,14 +758,27 @@ class Runtime:
         for parent_id, attempt, cmd in children:
             asyncio.create_task(self._start_child(parent_id, attempt, cmd))
 
+    def _run_info(self, state: RunState) -> RunInfo:
+        trace_id = (run_trace_id(state.run_id, state.event, follow_trigger=not self.run_spans.link_trigger)
+                    if self.run_spans is not None else None)
+        return RunInfo(state.run_id, state.workflow, state.version, state.workflow_id, trace_id, state.event)
+
+    def _placed(self, graph: CompiledWorkflow) -> CompiledWorkflow:
+        """A cluster sends in-process steps through its shared work queue (on_queue)."""
+        if self.cluster is None:
+            return graph
+        return on_queue(graph, self.cluster.queue, self.cluster.lease_s)
+
     def _dispatch(self, state: RunState, commands: list[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, ExecuteTask):
                 if self._draining:
                     continue  # it stays in flight in the store and starts after the restart
-                trace_id = (run_trace_id(state.run_id, state.event, follow_trigger=not self.run_spans.link_trigger)
-                            if self.run_spans is not None else None)
-                run = RunInfo(state.run_id, state.workflow, state.version, state.workflow_id, trace_id, state.event)
+                if self.cluster is not None:
+                    # its message went into the outbox with the decision: the work queue holds
+                    # it until a worker takes it, and a started one has a heartbeat deadline
+                    continue
+                run = self._run_info(state)
                 if cmd.queue is None:
                     self.executor.submit(cmd, run)
                 elif self.remote is not None:
@@ -708,12 +788,20 @@ class Runtime:
                     self._submit_internal(state.run_id, TaskFailed(cmd.task_id, self.clock.now(), error, self.clock.jitter()))
             elif isinstance(cmd, CancelTask):
                 self.executor.cancel(cmd.task_id)
-                if self.remote is not None:
+                if self.cluster is not None:
+                    self.cluster.cancel(state, cmd.task_id)
+                elif self.remote is not None:
                     self.remote.cancel(cmd.task_id)
             elif isinstance(cmd, StartTimer):
-                self.timers.arm(state.run_id, cmd.timer_id, cmd.fire_at)
+                if self.cluster is not None:
+                    self.cluster.arm(state.run_id, cmd.timer_id, cmd.fire_at)
+                else:
+                    self.timers.arm(state.run_id, cmd.timer_id, cmd.fire_at)
             elif isinstance(cmd, CancelTimer):
-                self.timers.disarm(state.run_id, cmd.timer_id)
+                if self.cluster is not None:
+                    self.cluster.disarm(state.run_id, cmd.timer_id)
+                else:
+                    self.timers.disarm(state.run_id, cmd.timer_id)
             elif isinstance(cmd, StartChild):
                 if not self._draining:  # recovery starts it from the committed state otherwise
                     asyncio.create_task(self._start_child(state.run_id, state.attempt, cmd))
@@ -867,12 +955,13 @@ class Runtime:
             row = await self.store.get_definition(def_hash)
             if row is None:
                 raise WorkflowNotFound(f"definition {def_hash[:12]} is not stored")
-            graph = compile_workflow(Workflow.model_validate(orjson.loads(row.source)), def_hash)
+            graph = self._placed(compile_workflow(Workflow.model_validate(orjson.loads(row.source)), def_hash))
             self._graphs[def_hash] = graph
         return graph
 
     async def _open_run_with(self, workflow: str, workflow_id: str) -> RunRow | None:
-        run_id = self._open_wids.get((workflow, workflow_id))
+        # in a cluster another replica may have ended that run: only the store knows
+        run_id = self._open_wids.get((workflow, workflow_id)) if self.cluster is None else None
         if run_id is not None:
             cached = self._cache.get(run_id)
             if cached is not None and not cached.terminal:

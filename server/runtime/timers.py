@@ -48,8 +48,10 @@ Key = tuple[str, str]  # (run_id, timer_id)
 
 
 class Timers:
-    def __init__(self, store: Store, clock: Clock, on_fire: Callable[[str, str], None]) -> None:
+    def __init__(self, store: Store, clock: Clock, on_fire: Callable[[str, str], None], *,
+                 refill_s: float | None = None) -> None:
         self._store = store
+        self._refill_s = refill_s  # read the store at least this often (timers armed by other processes)
         self._clock = clock
         self._on_fire = on_fire
         self._heap: list[tuple[float, str, str]] = []
@@ -126,6 +128,8 @@ class Timers:
         # a full batch: more may be due before `until`, so take the window only as far as we read
         self._horizon = rows[-1].fire_at if len(rows) == REFILL_BATCH else until
         self._next_refill = max(self._horizon - HORIZON_S / 2, self._clock.now() + FULL_REFILL_GAP_S)
+        if self._refill_s is not None:
+            self._next_refill = min(self._next_refill, self._clock.now() + self._refill_s)
 
     def _fire_due(self, now: float) -> None:
         while self._heap and self._heap[0][0] <= now:

@@ -17,16 +17,31 @@ Rules every implementation keeps:
   workflow never share a `workflow_id`: the batch that would make it so fails
   with `Conflict`, and no other batch is affected. Re-inserting an existing
   `(run_id, seq)` history row is also a `Conflict`.
-* Any other failure of the store (disk full, read-only file, corruption) is a
-  `StoreError`. Implementations map their library's exceptions to these two.
+* Run revisions fence concurrent writers (several replicas on one database): a
+  `RunRow` with `rev = r` is written only if the stored row's rev is r (or no row
+  exists and r is 0), and the stored rev becomes r + 1; reads return the stored
+  rev. A run row that fails the check fails its batch with `Stale` (a Conflict),
+  and no other batch. A store built with `check_revs=False` still counts revs up
+  but never checks them.
+* A batch with a `fence` (lease name, holder, token) commits only if, inside its
+  transaction, that lease is held by that holder with that token and has not
+  expired; else it fails alone with `Fenced` (a Conflict). Lease tokens only ever
+  grow: each change of holder adds one, so a stale leader's token is refused.
+* Any other failure of the store (disk full, read-only file, corruption, a lost
+  connection) is a `StoreError`. Implementations map their library's exceptions
+  to these.
 * `data` and `source` fields are opaque bytes owned by the engine (JSON).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 from typing import Protocol
+
+import orjson
 
 from server.errors import BadRequest
 
@@ -60,6 +75,8 @@ class RunRow:
     finished_at: float | None
     inflight: int  # tasks dispatched and not yet finished
     data: bytes
+    # the stored revision this row was read at (0: a new run); the commit checks and bumps it
+    rev: int = 0
 
 
 @dataclass(slots=True)
@@ -163,6 +180,8 @@ class Batch:
     schedules: list[ScheduleRow] = field(default_factory=list)  # upserted by name; the last one wins
     schedule_fires: list[ScheduleFireRow] = field(default_factory=list)  # appended; the store assigns ids
     schedule_fires_pruned: list[tuple[str, int]] = field(default_factory=list)  # (schedule, rows to keep)
+    # (lease name, holder, token): commit only while that lease is still held so
+    fence: tuple[str, str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -367,3 +386,48 @@ class Store(Protocol):
 
     async def integrity_check(self) -> str:
         """"ok" when the database is healthy, else the problems found."""
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take the lease `name` for `ttl_s` seconds if it is free or expired, or renew it if
+        `holder` holds it; return its fencing token, or None while another holder has it.
+
+        The token grows by one each time the holder changes (a renewal keeps it), so a
+        batch fenced with an older token is refused. Of callers racing for a free lease,
+        exactly one wins. Expiry is judged by the database's clock where it has one (so
+        replicas with skewed clocks agree), else by this process's."""
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once if `holder` holds it (it expires now; its token stays
+        stored, so the next holder's token is still larger)."""
+
+    async def get_lease(self, name: str) -> tuple[str, int, float] | None:
+        """(holder, token, expires_at) of the lease as stored, expired or not; None if never taken."""
+
+    async def list_leases(self, prefix: str = "") -> list[tuple[str, str, int, float, float]]:
+        """(name, holder, token, expires_at, now) of the stored leases whose name starts with
+        `prefix`, by name; `now` is the clock that judges expiry (the database's, if it has one)."""
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        """Delete the lease's row if `holder` holds it: for leases named after something that
+        is gone (a replica that stopped), which would otherwise be listed for ever. The next
+        holder of that name starts again at token 1."""
+
+
+# -- list cursors --------------------------------------------------------------
+
+
+def encode_cursor(created_at: float, run_id: str) -> str:
+    """An opaque url-safe token: the (created_at, run_id) the next page starts below."""
+    return base64.urlsafe_b64encode(orjson.dumps([created_at, run_id])).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    invalid = BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        created_at, run_id = orjson.loads(raw)
+    except (binascii.Error, ValueError, TypeError):
+        raise invalid from None
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or not isinstance(run_id, str):
+        raise invalid
+    return float(created_at), run_id

@@ -33,24 +33,24 @@ sqlite3 exceptions become `Conflict` / `StoreError` in `map_error`, here only.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import importlib.resources
 import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-import orjson
 
-from server.errors import BadRequest, BatonError, Conflict, StoreError
+from server.errors import BadRequest, BatonError, Conflict, Fenced, Stale, StoreError
+from server.store.batching import (
+    APPROVAL_COLUMNS, AUDIT_COLUMNS, DEAD_LETTER_COLUMNS, DEFINITION_COLUMNS, EVENT_COLUMNS,
+    HISTORY_COLUMNS, OUTBOX_COLUMNS, RUN_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_FIRE_COLUMNS, STEP_COLUMNS, STOP,
+    TIMER_COLUMNS, GroupWriter, Pending, Plan, StoreStats, make_plan, stale_run,
+)
+from server.store.batching import migrations as load_migrations
 from server.store.base import (
     RESUMABLE,
     TERMINAL,
@@ -67,10 +67,10 @@ from server.store.base import (
     ScheduleRow,
     StepRow,
     TimerRow,
+    decode_cursor,
+    encode_cursor,
 )
 
-# Bigger groups gain little throughput and hold every caller in them longer.
-MAX_GROUP_BATCHES = 512
 # How long a statement waits for another process's lock before failing.
 BUSY_TIMEOUT_MS = 5_000
 # Bound parameters per statement: SQLite allows 999 before 3.32, 32766 since.
@@ -84,62 +84,53 @@ T = TypeVar("T")
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in TERMINAL)
 _RESUMABLE_SQL = ", ".join(f"'{s}'" for s in RESUMABLE)
 
-_RUN_COLUMNS = (
-    "run_id, workflow, version, def_hash, workflow_id, status,"
-    " created_at, updated_at, finished_at, inflight, data"
-)
-_STEP_COLUMNS = "run_id, key, step_id, status, attempt, started_at, finished_at, data"
-_HISTORY_COLUMNS = "run_id, seq, at, type, key, data"
-_TIMER_COLUMNS = "run_id, timer_id, fire_at"
-_DEFINITION_COLUMNS = "def_hash, name, version, source, created_at"
-_EVENT_COLUMNS = "event_key, subject, received_at, outcome, runs"
-_DEAD_LETTER_COLUMNS = "id, at, subject, event_key, workflow, error, headers, data, replayed_at, replay_run"
-_OUTBOX_COLUMNS = "id, subject, msg_id, headers, data"
-_APPROVAL_COLUMNS = (
-    "id, run_id, key, step_id, status, requested_at, expires_at, decided_at, decided_by, decided_via, comment, data"
-)
-_APPROVAL_CLOSED_COLUMNS = "status, decided_at, decided_by, decided_via, comment, id"
-_AUDIT_COLUMNS = "id, at, actor, action, target, remote, status, request_id, detail"
-_SCHEDULE_COLUMNS = (
-    "name, workflow, spec_hash, next_at, paused, paused_by, paused_at, pause_note,"
-    " last_fire_at, last_run_id, last_outcome, queued, updated_at"
-)
-_SCHEDULE_FIRE_COLUMNS = "id, schedule, scheduled_at, fired_at, outcome, reason, run_id, missed, manual, count, actor"
-
 # The identity columns (workflow, version, def_hash, workflow_id, created_at) are
 # written once: leaving them out of the UPDATE spares four index rewrites per
 # transition (~15% of update throughput).
+# ?12 is the rev the caller read; the row stored gets ?12 + 1.
 _UPSERT_RUN = f"""
-INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO runs ({RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 + 1)
 ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status, updated_at = excluded.updated_at,
-    finished_at = excluded.finished_at, inflight = excluded.inflight, data = excluded.data
+    finished_at = excluded.finished_at, inflight = excluded.inflight, data = excluded.data,
+    rev = runs.rev + 1
+"""
+# The same, written only over the rev read (a new run only with rev 0): a row that
+# fails the check changes nothing, which the writer sees in the row count.
+_UPSERT_RUN_CHECKED = f"""
+INSERT INTO runs ({RUN_COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 + 1
+    WHERE ?12 = 0 OR EXISTS (SELECT 1 FROM runs WHERE run_id = ?1)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = excluded.status, updated_at = excluded.updated_at,
+    finished_at = excluded.finished_at, inflight = excluded.inflight, data = excluded.data,
+    rev = excluded.rev
+WHERE runs.rev = excluded.rev - 1
 """
 _UPSERT_STEP = f"""
-INSERT INTO steps ({_STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id, key) DO UPDATE SET
     step_id = excluded.step_id, status = excluded.status, attempt = excluded.attempt,
     started_at = excluded.started_at, finished_at = excluded.finished_at, data = excluded.data
 """
 _DELETE_STEP = "DELETE FROM steps WHERE run_id = ? AND key = ?"
-_INSERT_HISTORY = f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT_HISTORY = f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 _UPSERT_TIMER = f"""
-INSERT INTO timers ({_TIMER_COLUMNS}) VALUES (?, ?, ?)
+INSERT INTO timers ({TIMER_COLUMNS}) VALUES (?, ?, ?)
 ON CONFLICT (run_id, timer_id) DO UPDATE SET fire_at = excluded.fire_at
 """
 _DELETE_TIMER = "DELETE FROM timers WHERE run_id = ? AND timer_id = ?"
 _INSERT_DEFINITION = (
-    f"INSERT INTO definitions ({_DEFINITION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+    f"INSERT INTO definitions ({DEFINITION_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
     " ON CONFLICT (def_hash) DO NOTHING"
 )
-_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_key) DO NOTHING"
+_INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_key) DO NOTHING"
 _PRUNE_EVENTS = "DELETE FROM events WHERE received_at < ?"
-_INSERT_DEAD_LETTER = f"INSERT INTO dead_letters ({_DEAD_LETTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_DEAD_LETTER = f"INSERT INTO dead_letters ({DEAD_LETTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REPLAYED_DEAD_LETTER = "UPDATE dead_letters SET replayed_at = ?, replay_run = ? WHERE id = ?"
-_INSERT_OUTBOX = f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
+_INSERT_OUTBOX = f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
 _DELETE_OUTBOX = "DELETE FROM outbox WHERE id = ?"
 _INSERT_APPROVAL = (
-    f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
 )
 # Only a pending request closes: a decision can never overwrite another one.
@@ -147,33 +138,49 @@ _CLOSE_APPROVAL = (
     "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, decided_via = ?, comment = ?"
     " WHERE id = ? AND status = 'pending'"
 )
-_INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPSERT_SCHEDULE = f"INSERT OR REPLACE INTO schedules ({_SCHEDULE_COLUMNS}) VALUES ({', '.join('?' * 13)})"
-_INSERT_SCHEDULE_FIRE = f"INSERT INTO schedule_fires ({_SCHEDULE_FIRE_COLUMNS}) VALUES ({', '.join('?' * 11)})"
+_INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_SCHEDULE = f"INSERT OR REPLACE INTO schedules ({SCHEDULE_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_INSERT_SCHEDULE_FIRE = f"INSERT INTO schedule_fires ({SCHEDULE_FIRE_COLUMNS}) VALUES ({', '.join('?' * 11)})"
 # keep the newest N rows of one schedule
 _PRUNE_SCHEDULE_FIRES = (
     "DELETE FROM schedule_fires WHERE schedule = ?1 AND id <= ("
     "SELECT id FROM schedule_fires WHERE schedule = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)"
 )
+_HOLDS_LEASE = "SELECT 1 FROM leases WHERE name = ? AND holder = ? AND token = ? AND expires_at > ?"
+# Free (never taken, expired) or ours: take or renew it; a new holder bumps the token.
+_ACQUIRE_LEASE = """
+INSERT INTO leases (name, holder, token, expires_at) VALUES (?1, ?2, 1, ?3 + ?4)
+ON CONFLICT (name) DO UPDATE SET
+    token = CASE WHEN leases.holder = excluded.holder THEN leases.token ELSE leases.token + 1 END,
+    holder = excluded.holder, expires_at = excluded.expires_at
+WHERE leases.holder = excluded.holder OR leases.expires_at <= ?3
+RETURNING token
+"""
+# Expired rather than deleted: the token stays, so the next holder's is still larger.
+_RELEASE_LEASE = "UPDATE leases SET expires_at = min(expires_at, ?) WHERE name = ? AND holder = ?"
 
 
-def _getter(columns: str) -> Callable[[Any], tuple]:
-    return attrgetter(*(name.strip() for name in columns.split(",")))
-
-
-_run_params = _getter(_RUN_COLUMNS)
-_step_params = _getter(_STEP_COLUMNS)
-_history_params = _getter(_HISTORY_COLUMNS)
-_timer_params = _getter(_TIMER_COLUMNS)
-_definition_params = _getter(_DEFINITION_COLUMNS)
-_event_params = _getter(_EVENT_COLUMNS)
-_dead_letter_params = _getter(_DEAD_LETTER_COLUMNS)
-_outbox_params = _getter(_OUTBOX_COLUMNS)
-_approval_params = _getter(_APPROVAL_COLUMNS)
-_approval_closed_params = _getter(_APPROVAL_CLOSED_COLUMNS)
-_audit_params = _getter(_AUDIT_COLUMNS)
-_schedule_params = _getter(_SCHEDULE_COLUMNS)
-_schedule_fire_params = _getter(_SCHEDULE_FIRE_COLUMNS)
+# The statement of each plan kind but runs (checked or not, see _apply).
+_SQL = {
+    "steps_deleted": _DELETE_STEP,
+    "timers_deleted": _DELETE_TIMER,
+    "steps": _UPSERT_STEP,
+    "history": _INSERT_HISTORY,
+    "timers": _UPSERT_TIMER,
+    "definitions": _INSERT_DEFINITION,
+    "outbox": _INSERT_OUTBOX,
+    "outbox_deleted": _DELETE_OUTBOX,
+    "events_pruned": _PRUNE_EVENTS,
+    "events": _INSERT_EVENT,
+    "dead_letters": _INSERT_DEAD_LETTER,
+    "dead_letters_replayed": _REPLAYED_DEAD_LETTER,
+    "approvals": _INSERT_APPROVAL,
+    "approvals_closed": _CLOSE_APPROVAL,
+    "audit": _INSERT_AUDIT,
+    "schedules": _UPSERT_SCHEDULE,
+    "schedule_fires": _INSERT_SCHEDULE_FIRE,
+    "schedule_fires_pruned": _PRUNE_SCHEDULE_FIRES,
+}
 
 
 # -- error mapping -------------------------------------------------------------
@@ -224,96 +231,20 @@ def _is_batch_error(exc: Exception) -> bool:
 # -- group commit --------------------------------------------------------------
 
 
-def _plan(items: Iterable[Batch | DefinitionRow]) -> list[tuple[str, list[tuple]]]:
-    """One (statement, parameters) per table and statement kind, in execution order.
-
-    The result equals committing the batches one after another. Runs and history
-    keep every row, in commit order. Steps and timers keep the net effect per key:
-    the last upsert, or a delete if a delete came last. A delete also forgets the
-    key's earlier upserts, so a step deleted and written again is re-inserted
-    (and listed) last. Deletes run first: they remove rows that existed before
-    the group, or rows that a later upsert in the group writes afresh.
-    """
-    runs: list[tuple] = []
-    history: list[tuple] = []
-    definitions: list[tuple] = []
-    steps: dict[tuple[str, str], tuple] = {}
-    steps_deleted: set[tuple[str, str]] = set()
-    timers: dict[tuple[str, str], tuple] = {}
-    timers_deleted: set[tuple[str, str]] = set()
-    outbox: list[tuple] = []
-    outbox_deleted: list[tuple] = []
-    events: list[tuple] = []
-    events_pruned: list[tuple] = []
-    dead_letters: list[tuple] = []
-    replayed: list[tuple] = []
-    approvals: list[tuple] = []
-    approvals_closed: list[tuple] = []
-    audit: list[tuple] = []
-    schedules: dict[str, tuple] = {}
-    schedule_fires: list[tuple] = []
-    fires_pruned: list[tuple] = []
-    for item in items:
-        if isinstance(item, DefinitionRow):
-            definitions.append(_definition_params(item))
-            continue
-        runs.extend(map(_run_params, item.runs))
-        history.extend(map(_history_params, item.history))
-        for step in item.steps:
-            steps[step.run_id, step.key] = _step_params(step)
-        for run_id, key in item.steps_deleted:
-            steps.pop((run_id, key), None)
-            steps_deleted.add((run_id, key))
-        for timer in item.timers_set:
-            timers[timer.run_id, timer.timer_id] = _timer_params(timer)
-        for run_id, timer_id in item.timers_deleted:
-            timers.pop((run_id, timer_id), None)
-            timers_deleted.add((run_id, timer_id))
-        outbox.extend(map(_outbox_params, item.outbox))
-        outbox_deleted.extend((id_,) for id_ in item.outbox_deleted)
-        events.extend(map(_event_params, item.events))
-        if item.events_pruned_before is not None:
-            events_pruned.append((item.events_pruned_before,))
-        dead_letters.extend(map(_dead_letter_params, item.dead_letters))
-        replayed.extend((at, run_id, id_) for id_, at, run_id in item.dead_letters_replayed)
-        approvals.extend(map(_approval_params, item.approvals))
-        approvals_closed.extend(map(_approval_closed_params, item.approvals_closed))
-        audit.extend(map(_audit_params, item.audit))
-        definitions.extend(map(_definition_params, item.definitions))
-        for row in item.schedules:
-            schedules[row.name] = _schedule_params(row)
-        schedule_fires.extend(map(_schedule_fire_params, item.schedule_fires))
-        fires_pruned.extend(item.schedule_fires_pruned)
-    statements = [
-        (_DELETE_STEP, list(steps_deleted)),
-        (_DELETE_TIMER, list(timers_deleted)),
-        (_UPSERT_RUN, runs),
-        (_UPSERT_STEP, list(steps.values())),
-        (_INSERT_HISTORY, history),
-        (_UPSERT_TIMER, list(timers.values())),
-        (_INSERT_DEFINITION, definitions),
-        (_INSERT_OUTBOX, outbox),
-        (_DELETE_OUTBOX, outbox_deleted),
-        (_PRUNE_EVENTS, events_pruned),
-        (_INSERT_EVENT, events),
-        (_INSERT_DEAD_LETTER, dead_letters),
-        (_REPLAYED_DEAD_LETTER, replayed),
-        (_INSERT_APPROVAL, approvals),
-        (_CLOSE_APPROVAL, approvals_closed),
-        (_INSERT_AUDIT, audit),
-        (_UPSERT_SCHEDULE, list(schedules.values())),
-        (_INSERT_SCHEDULE_FIRE, schedule_fires),
-        (_PRUNE_SCHEDULE_FIRES, fires_pruned),
-    ]
-    return [(sql, params) for sql, params in statements if params]
-
-
-def _apply(conn: sqlite3.Connection, plan: list[tuple[str, list[tuple]]]) -> None:
+def _apply(conn: sqlite3.Connection, plan: Plan) -> None:
     """Run a plan as one transaction. Called on the writer thread."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for sql, params in plan:
-            conn.executemany(sql, params)
+        now = time.time()
+        for name, holder, token in plan.fences:
+            if conn.execute(_HOLDS_LEASE, (name, holder, token, now)).fetchone() is None:
+                raise Fenced(f"lease {name} is no longer held by {holder} (token {token})")
+        for kind, params in plan.statements:
+            sql = _SQL[kind] if kind != "runs" else _UPSERT_RUN_CHECKED if plan.check_revs else _UPSERT_RUN
+            # executemany sums the rows each parameter set changed
+            if conn.executemany(sql, params).rowcount != len(params) and sql is _UPSERT_RUN_CHECKED:
+                conn.execute("ROLLBACK")  # to read the revs as they were before this plan
+                raise _stale(conn, params)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -321,43 +252,18 @@ def _apply(conn: sqlite3.Connection, plan: list[tuple[str, list[tuple]]]) -> Non
         raise
 
 
-@dataclass(slots=True)
-class _Pending:
-    item: Batch | DefinitionRow
-    future: asyncio.Future[None]
-
-
-_STOP = object()
-
-
-@dataclass(slots=True)
-class StoreStats:
-    """Writer counters, for tests and metrics."""
-
-    groups: int = 0  # writer rounds, each taking all that was queued
-    transactions: int = 0  # transactions committed
-    batches: int = 0  # batches (and definitions) committed
-    retried_groups: int = 0  # groups rolled back for one batch's data and retried one by one
-    failed_batches: int = 0  # batches whose caller got an error
-    largest_group: int = 0
+def _stale(conn: sqlite3.Connection, runs: list[tuple]) -> Stale:
+    """Stale naming the first run row (in commit order) whose rev did not match."""
+    ids = list({row[0] for row in runs})
+    stored: dict[str, int] = {}
+    for start in range(0, len(ids), MAX_PARAMS):
+        chunk = ids[start : start + MAX_PARAMS]
+        sql = f"SELECT run_id, rev FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})"
+        stored.update(conn.execute(sql, chunk).fetchall())
+    return stale_run(stored, [(row[0], row[-1]) for row in runs])
 
 
 # -- schema migrations ---------------------------------------------------------
-
-_MIGRATION_FILE = re.compile(r"^(\d{4})_\w+\.sql$")
-
-
-def _migrations() -> list[tuple[int, str]]:
-    """(version, script) of the packaged migrations, numbered 1..N without gaps."""
-    found = []
-    for entry in importlib.resources.files("server.store.migrations").iterdir():
-        if match := _MIGRATION_FILE.match(entry.name):
-            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
-    found.sort()
-    if [version for version, _ in found] != list(range(1, len(found) + 1)):
-        raise StoreError(f"migrations must be numbered 0001, 0002, ... without gaps, found {[v for v, _ in found]}")
-    return found
-
 
 def _statements(script: str) -> Iterator[str]:
     """Split a script into statements: executescript() would COMMIT our transaction."""
@@ -372,7 +278,7 @@ def _statements(script: str) -> Iterator[str]:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to the latest version, in one transaction. Writes nothing when current."""
-    migrations = _migrations()
+    migrations = load_migrations("server.store.migrations")
     latest = len(migrations)
     current = _user_version(conn)
     if current == latest:
@@ -433,21 +339,23 @@ def _mapped(path: str) -> Iterator[None]:
 # -- the store -----------------------------------------------------------------
 
 
-class SQLiteStore:
+class SQLiteStore(GroupWriter):
     """The Store on one SQLite file. `stats` counts what the writer did."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "normal", check_revs: bool = False) -> None:
         if str(path) == ":memory:" or str(path).startswith("file:"):
             raise ValueError("SQLiteStore needs a file path: its reader and writer share the file")
         if synchronous.lower() not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
         self.path = Path(path)
+        self.where = str(self.path)  # for messages
         self.synchronous = synchronous.lower()
+        self.check_revs = check_revs
         self.stats = StoreStats()
         self._thread: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used on self._thread only
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_Pending | object] | None = None
+        self._queue: asyncio.Queue[Pending | object] | None = None
         self._writer: asyncio.Task[None] | None = None
         # told (batches, seconds) of each group committed in one transaction (metrics)
         self.on_group: Callable[[int, float], None] | None = None
@@ -480,7 +388,7 @@ class SQLiteStore:
         writer, self._writer = self._writer, None
         if writer is not None:
             assert self._queue is not None
-            self._queue.put_nowait(_STOP)
+            self._queue.put_nowait(STOP)
             await asyncio.wait([writer])  # if it was cancelled instead, its callers were told
         await self._release()
 
@@ -501,84 +409,17 @@ class SQLiteStore:
 
     # -- writing --
 
-    async def commit(self, batch: Batch) -> None:
-        await self._enqueue(batch)
-
-    async def put_definition(self, row: DefinitionRow) -> None:
-        # Through the writer like a batch, so writes never interleave.
-        await self._enqueue(row)
-
-    async def _enqueue(self, item: Batch | DefinitionRow) -> None:
-        if self._writer is None or self._writer.done() or self._queue is None:
-            raise StoreError(f"the store is not open: {self.path}")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, future))
-        await future
-
-    async def _write_loop(self, queue: asyncio.Queue[_Pending | object]) -> None:
-        while True:
-            group = [await queue.get()]
-            while len(group) < MAX_GROUP_BATCHES and not queue.empty():
-                group.append(queue.get_nowait())
-            # A caller that gave up before its batch was taken was promised nothing;
-            # skipping its batch keeps "cancelled" meaning "not written".
-            pending = [p for p in group if isinstance(p, _Pending) and not p.future.done()]
-            if pending:
-                try:
-                    await self._write_group(pending)
-                except BaseException as exc:  # cancelled: nobody may wait forever
-                    queued = (queue.get_nowait() for _ in range(queue.qsize()))
-                    for p in [*pending, *(q for q in queued if isinstance(q, _Pending))]:
-                        self._failed([p], StoreError(f"the store writer stopped: {exc!r}"))
-                    raise
-            if any(item is _STOP for item in group):
-                return
-
-    async def _write_group(self, pending: list[_Pending]) -> None:
-        self.stats.groups += 1
-        self.stats.largest_group = max(self.stats.largest_group, len(pending))
-        started = time.perf_counter()
-        try:
-            await self._transaction(p.item for p in pending)
-        except Exception as exc:
-            if len(pending) == 1 or not _is_batch_error(exc):
-                self._failed(pending, exc)
-                return
-            self.stats.retried_groups += 1
-            for p in pending:
-                try:
-                    await self._transaction([p.item])
-                except Exception as one_exc:
-                    self._failed([p], one_exc)
-                else:
-                    self._succeeded([p])
-        else:
-            if self.on_group is not None:
-                self.on_group(len(pending), time.perf_counter() - started)
-            self._succeeded(pending)
-
     async def _transaction(self, items: Iterable[Batch | DefinitionRow]) -> None:
-        if plan := _plan(items):
+        plan = make_plan(items, self.check_revs)
+        if plan.statements or plan.fences:
             await self._on_thread(_apply, self._conn, plan)
 
-    def _succeeded(self, pending: list[_Pending]) -> None:
-        self.stats.transactions += 1
-        self.stats.batches += len(pending)
-        for p in pending:
-            if not p.future.done():
-                p.future.set_result(None)
+    def _is_batch_error(self, exc: BaseException) -> bool:
+        return _is_batch_error(exc)
 
-    def _failed(self, pending: list[_Pending], exc: BaseException) -> None:
-        self.stats.failed_batches += len(pending)
-        for p in pending:
-            if p.future.done():
-                continue
-            if isinstance(exc, sqlite3.Error):
-                p.future.set_exception(map_error(exc, str(self.path)))  # one instance per caller
-            else:
-                p.future.set_exception(exc)  # a bug in this caller's batch, or a StoreError of ours
-
-    # -- reading --
+    def _caller_error(self, exc: BaseException) -> BaseException:
+        # a bug in this caller's batch, or a StoreError of ours, passes as it is
+        return map_error(exc, str(self.path)) if isinstance(exc, sqlite3.Error) else exc
 
     async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         if self._reader is None:
@@ -587,7 +428,7 @@ class SQLiteStore:
             return list(await self._reader.execute_fetchall(sql, tuple(params)))
 
     async def get_run(self, run_id: str) -> RunRow | None:
-        rows = await self._fetch(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        rows = await self._fetch(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
         return RunRow(*rows[0]) if rows else None
 
     async def get_runs(self, run_ids: list[str]) -> list[RunRow]:
@@ -595,13 +436,13 @@ class SQLiteStore:
         found: dict[str, RunRow] = {}
         for start in range(0, len(unique), MAX_PARAMS):
             chunk = unique[start : start + MAX_PARAMS]
-            sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})"
+            sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id IN ({', '.join('?' * len(chunk))})"
             for row in await self._fetch(sql, chunk):
                 found[row[0]] = RunRow(*row)
         return [found[run_id] for run_id in run_ids if run_id in found]
 
     async def get_steps(self, run_id: str) -> list[StepRow]:
-        sql = f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY rowid"
+        sql = f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY rowid"
         return [StepRow(*row) for row in await self._fetch(sql, (run_id,))]
 
     async def list_runs(
@@ -615,7 +456,7 @@ class SQLiteStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[RunRow], str | None]:
-        return await self._page(RunRow, "runs", _RUN_COLUMNS, ("created_at", "run_id"), limit, cursor, (
+        return await self._page(RunRow, "runs", RUN_COLUMNS, ("created_at", "run_id"), limit, cursor, (
             ("workflow = ?", workflow), ("status = ?", status), ("workflow_id = ?", workflow_id),
             ("created_at >= ?", since), ("created_at < ?", until),
         ))
@@ -635,21 +476,21 @@ class SQLiteStore:
         return rows, encode_cursor(getattr(rows[-1], when), getattr(rows[-1], ident))
 
     async def history(self, run_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[HistoryRow]:
-        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        sql = f"SELECT {HISTORY_COLUMNS} FROM history WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         return [HistoryRow(*row) for row in await self._fetch(sql, (run_id, after_seq, limit))]
 
     async def recoverable_runs(self) -> list[RunRow]:
         # The status term repeats the WHERE of the partial index runs_open, so the
         # planner reads the open runs only.
         sql = (
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status NOT IN ({_TERMINAL_SQL})"
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE status NOT IN ({_TERMINAL_SQL})"
             f" AND (inflight > 0 OR status IN ({_RESUMABLE_SQL})) ORDER BY created_at, run_id"
         )
         return [RunRow(*row) for row in await self._fetch(sql)]
 
     async def find_open_run(self, workflow: str, workflow_id: str) -> RunRow | None:
         sql = (
-            f"SELECT {_RUN_COLUMNS} FROM runs"
+            f"SELECT {RUN_COLUMNS} FROM runs"
             f" WHERE workflow = ? AND workflow_id = ? AND status NOT IN ({_TERMINAL_SQL})"
         )
         rows = await self._fetch(sql, (workflow, workflow_id))
@@ -657,7 +498,7 @@ class SQLiteStore:
 
     async def due_timers(self, until: float, limit: int) -> list[TimerRow]:
         sql = (
-            f"SELECT {_TIMER_COLUMNS} FROM timers WHERE fire_at <= ?"
+            f"SELECT {TIMER_COLUMNS} FROM timers WHERE fire_at <= ?"
             " ORDER BY fire_at, run_id, timer_id LIMIT ?"
         )
         return [TimerRow(*row) for row in await self._fetch(sql, (until, limit))]
@@ -688,17 +529,17 @@ class SQLiteStore:
         return [tuple(row) for row in await self._fetch(sql)]
 
     async def get_definition(self, def_hash: str) -> DefinitionRow | None:
-        sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions WHERE def_hash = ?"
+        sql = f"SELECT {DEFINITION_COLUMNS} FROM definitions WHERE def_hash = ?"
         rows = await self._fetch(sql, (def_hash,))
         return DefinitionRow(*rows[0]) if rows else None
 
     async def list_definitions(self, name: str | None = None) -> list[DefinitionRow]:
         where = " WHERE name = ?" if name is not None else ""
-        sql = f"SELECT {_DEFINITION_COLUMNS} FROM definitions{where} ORDER BY name, created_at, def_hash"
+        sql = f"SELECT {DEFINITION_COLUMNS} FROM definitions{where} ORDER BY name, created_at, def_hash"
         return [DefinitionRow(*row) for row in await self._fetch(sql, () if name is None else (name,))]
 
     async def get_event(self, event_key: str) -> EventRow | None:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_key = ?", (event_key,))
+        rows = await self._fetch(f"SELECT {EVENT_COLUMNS} FROM events WHERE event_key = ?", (event_key,))
         return EventRow(*rows[0]) if rows else None
 
     async def list_dead_letters(self, *, limit: int = 50, before_id: int | None = None) -> list[DeadLetterRow]:
@@ -706,15 +547,15 @@ class SQLiteStore:
             raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
         where = " WHERE id < ?" if before_id is not None else ""
         params = (before_id, limit) if before_id is not None else (limit,)
-        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY id DESC LIMIT ?"
+        sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY id DESC LIMIT ?"
         return [DeadLetterRow(*row) for row in await self._fetch(sql, params)]
 
     async def get_dead_letter(self, id: int) -> DeadLetterRow | None:
-        rows = await self._fetch(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (id,))
+        rows = await self._fetch(f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (id,))
         return DeadLetterRow(*rows[0]) if rows else None
 
     async def outbox_pending(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
-        sql = f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
+        sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
         return [OutboxRow(*row) for row in await self._fetch(sql, (after_id, limit))]
 
     async def list_audit(
@@ -732,11 +573,11 @@ class SQLiteStore:
         where, params = _where(
             ("id < ?", before_id), ("at >= ?", since), ("at < ?", until), ("actor = ?", actor), ("action = ?", action)
         )
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?"
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit{where} ORDER BY id DESC LIMIT ?"
         return [AuditRow(*row) for row in await self._fetch(sql, [*params, limit])]
 
     async def list_schedules(self) -> list[ScheduleRow]:
-        rows = await self._fetch(f"SELECT {_SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
+        rows = await self._fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name")
         return [ScheduleRow(*row[:4], bool(row[4]), *row[5:]) for row in rows]
 
     async def list_schedule_fires(self, schedule: str, *, limit: int = 50,
@@ -744,7 +585,7 @@ class SQLiteStore:
         if limit < 1:
             raise BadRequest(f"limit must be at least 1, not {limit}", field="limit")
         where, params = _where(("schedule = ?", schedule), ("id < ?", before_id))
-        sql = f"SELECT {_SCHEDULE_FIRE_COLUMNS} FROM schedule_fires{where} ORDER BY id DESC LIMIT ?"
+        sql = f"SELECT {SCHEDULE_FIRE_COLUMNS} FROM schedule_fires{where} ORDER BY id DESC LIMIT ?"
         return [ScheduleFireRow(*row[:7], bool(row[7]), bool(row[8]), *row[9:])
                 for row in await self._fetch(sql, [*params, limit])]
 
@@ -767,7 +608,7 @@ class SQLiteStore:
             if after is not None:  # keyset: the page starts just past the last row of the previous one
                 where += f"{' AND' if where else ' WHERE'} (created_at, run_id) > (?, ?)"
                 params += after
-            sql = f"SELECT {_RUN_COLUMNS} FROM runs{where} ORDER BY created_at, run_id LIMIT ?"
+            sql = f"SELECT {RUN_COLUMNS} FROM runs{where} ORDER BY created_at, run_id LIMIT ?"
             page = [RunRow(*row) for row in await self._fetch(sql, [*params, page_size])]
             if page:
                 yield page
@@ -790,7 +631,7 @@ class SQLiteStore:
             after: tuple[str, int] = ("", 0)
             while True:
                 sql = (
-                    f"SELECT {_HISTORY_COLUMNS} FROM history WHERE run_id IN ({', '.join('?' * len(chunk))}){only}"
+                    f"SELECT {HISTORY_COLUMNS} FROM history WHERE run_id IN ({', '.join('?' * len(chunk))}){only}"
                     " AND (run_id, seq) > (?, ?) ORDER BY run_id, seq LIMIT ?"
                 )
                 page = [HistoryRow(*row) for row in await self._fetch(sql, [*chunk, *types, *after, page_size])]
@@ -805,7 +646,7 @@ class SQLiteStore:
         rows: list[StepRow] = []
         for start in range(0, len(unique), MAX_PARAMS):
             chunk = unique[start : start + MAX_PARAMS]
-            sql = f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id IN ({', '.join('?' * len(chunk))}) ORDER BY run_id, rowid"
+            sql = f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id IN ({', '.join('?' * len(chunk))}) ORDER BY run_id, rowid"
             rows += [StepRow(*row) for row in await self._fetch(sql, chunk)]
         return rows
 
@@ -816,7 +657,7 @@ class SQLiteStore:
             chunk = unique[start : start + MAX_PARAMS - 1]
             # per run, a walk of its primary key from seq 1 that stops at the first match
             sql = (
-                f"SELECT {_HISTORY_COLUMNS} FROM history h WHERE h.run_id IN ({', '.join('?' * len(chunk))})"
+                f"SELECT {HISTORY_COLUMNS} FROM history h WHERE h.run_id IN ({', '.join('?' * len(chunk))})"
                 " AND h.seq = (SELECT seq FROM history WHERE run_id = h.run_id AND type = ? ORDER BY seq LIMIT 1)"
             )
             for row in await self._fetch(sql, [*chunk, type_]):
@@ -824,16 +665,48 @@ class SQLiteStore:
         return found
 
     async def get_approval(self, id: str) -> ApprovalRow | None:
-        rows = await self._fetch(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (id,))
+        rows = await self._fetch(f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (id,))
         return ApprovalRow(*rows[0]) if rows else None
 
     async def list_approvals(self, *, status: str | None = None, run_id: str | None = None, limit: int = 50,
                              cursor: str | None = None) -> tuple[list[ApprovalRow], str | None]:
-        return await self._page(ApprovalRow, "approvals", _APPROVAL_COLUMNS, ("requested_at", "id"), limit, cursor,
+        return await self._page(ApprovalRow, "approvals", APPROVAL_COLUMNS, ("requested_at", "id"), limit, cursor,
                                 (("status = ?", status), ("run_id = ?", run_id)))
 
     async def integrity_check(self) -> str:
         return "\n".join(str(message) for (message,) in await self._fetch("PRAGMA integrity_check"))
+
+    # -- leases: on the writer's thread, between two group commits --
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        row = await self._lease_write(_ACQUIRE_LEASE, (name, holder, time.time(), ttl_s))
+        return None if row is None else row[0]
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._lease_write(_RELEASE_LEASE, (time.time(), name, holder))
+
+    async def _lease_write(self, sql: str, params: tuple) -> tuple | None:
+        if self._conn is None:
+            raise StoreError(f"the store is not open: {self.path}")
+        conn = self._conn
+        with _mapped(str(self.path)):
+            # fetchall: the statement must run to its end, which commits it
+            rows = await self._on_thread(lambda: conn.execute(sql, params).fetchall())
+        return rows[0] if rows else None
+
+    async def get_lease(self, name: str) -> tuple[str, int, float] | None:
+        rows = await self._fetch("SELECT holder, token, expires_at FROM leases WHERE name = ?", (name,))
+        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
+
+    async def list_leases(self, prefix: str = "") -> list[tuple[str, str, int, float, float]]:
+        now = time.time()
+        # substr, not LIKE: a prefix may hold % or _
+        rows = await self._fetch("SELECT name, holder, token, expires_at FROM leases"
+                                 " WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name", (prefix,))
+        return [(*row, now) for row in rows]
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        await self._lease_write("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
 
 def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
@@ -846,23 +719,3 @@ def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
     for _, value in used:
         params.extend(value if isinstance(value, tuple) else (value,))
     return " WHERE " + " AND ".join(term for term, _ in used), params
-
-
-# -- list cursors --------------------------------------------------------------
-
-
-def encode_cursor(created_at: float, run_id: str) -> str:
-    """An opaque url-safe token: the (created_at, run_id) the next page starts below."""
-    return base64.urlsafe_b64encode(orjson.dumps([created_at, run_id])).rstrip(b"=").decode()
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    invalid = BadRequest("invalid cursor: pass back the next_cursor of a previous page", field="cursor")
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        created_at, run_id = orjson.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        raise invalid from None
-    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or not isinstance(run_id, str):
-        raise invalid
-    return float(created_at), run_id

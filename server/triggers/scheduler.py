@@ -99,10 +99,22 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        # replicas (server/cluster.py): the time leader's lease, which every commit here must
+        # still hold; and how often the schedules are read again, since other replicas may
+        # pause one or end the run an overlap policy waits on. None: this process alone.
+        self.fence: tuple[str, str, int] | None = None
+        self.refresh_s: float | None = None
 
     # ------------------------------------------------------------ lifecycle
 
+    async def load(self) -> None:
+        """Read where the schedules stand, to answer for them without firing them (a replica
+        that is not the time leader)."""
+        stored = {row.name: row for row in await self.store.list_schedules()}
+        self._rows = {name: stored[name] for name in self.schedules if name in stored}
+
     async def start(self) -> None:
+        self._stopping = False
         now = self.clock.now()
         stored = {row.name: row for row in await self.store.list_schedules()}
         batch = Batch()
@@ -171,6 +183,9 @@ class Scheduler:
         order of the last fire each will start, so of a missed 19:00 stop and a missed
         07:00 start, the start is started last. True if some schedule failed."""
         async with self._lock:
+            if self.refresh_s is not None:
+                stored = {row.name: row for row in await self.store.list_schedules()}
+                self._rows.update((name, row) for name, row in stored.items() if name in self._rows)
             now = self.clock.now()
             due: list[tuple[float, str, list[Fire], float | None]] = []
             for name, row in self._rows.items():
@@ -209,7 +224,7 @@ class Scheduler:
 
     def _next_deadline(self) -> float:
         now = self.clock.now()
-        deadline = now + IDLE_S
+        deadline = now + (self.refresh_s or IDLE_S)
         for name, row in self._rows.items():
             if row.paused or row.next_at is None or name not in self.schedules:
                 continue
@@ -341,6 +356,7 @@ class Scheduler:
     async def _commit(self, batch: Batch, row: ScheduleRow) -> None:
         batch.schedules.append(row)
         batch.schedule_fires_pruned.append((row.name, self.keep_fires))
+        batch.fence = self.fence
         await self.store.commit(batch)
         self._rows[row.name] = row
         self.runtime.metrics.schedule_fired(batch.schedule_fires)

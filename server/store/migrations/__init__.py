@@ -1,1 +1,1 @@
-"""Numbered schema migrations (NNNN_name.sql), applied in order by server.store.sqlite."""
+"""Numbered schema migrations (NNNN_name.sql): SQLite here, PostgreSQL in `postgres/`."""

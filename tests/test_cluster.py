@@ -1,0 +1,212 @@
+"""Several replicas on one PostgreSQL database and one NATS server (server/cluster.py):
+real server processes on loopback, killed with SIGKILL, checked from the database.
+
+The checks are the crash loop's (bench/chaos.py), on a cluster: every run ends as it
+should; each succeeded step has one recorded result; invocations of a step are at most
+its recorded attempts plus the kills that hit it, and none is of an attempt never
+recorded; each schedule tick starts one run, whichever replicas were alive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.serverproc import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+LEASE_S = 2.0  # short, so a test sees failover in seconds (the default is 10 s)
+
+CHAIN = """\
+name: chain
+steps:
+  - {id: a, task: cluster.step, input: {path: "{{ input.path }}", work_ms: "{{ input.work_ms }}"}}
+  - {id: b, task: cluster.step, input: {path: "{{ input.path }}", work_ms: "{{ input.work_ms }}"}}
+  - {id: c, task: cluster.step, input: {path: "{{ input.path }}", work_ms: "{{ input.work_ms }}"}}
+"""
+NAP = """\
+name: nap
+steps:
+  - {id: a, task: cluster.step, input: {path: "{{ input.path }}"}}
+  - {id: rest, sleep: 1s}
+  - {id: b, task: cluster.step, input: {path: "{{ input.path }}"}}
+"""
+TICK = """\
+name: tick
+triggers:
+  - cron: {name: every-second, schedule: "* * * * * *", input: {path: "%s"}}
+steps:
+  - {id: a, task: cluster.step, input: {path: "{{ input.path }}"}}
+"""
+
+
+class Replica(ServerProcess):
+    def __init__(self, root: Path, name: str, db: str, nats_url: str, workflows: Path) -> None:
+        super().__init__(root / name, workflows, ["tests.cluster_handlers"], BATON_DB=db, BATON_NATS_URL=nats_url,
+                         BATON_CLUSTER__REPLICA=name, BATON_CLUSTER__LEASE_S=str(LEASE_S), BATON_LOG_LEVEL="INFO")
+        self.name = name
+
+
+def start_replicas(tmp_path: Path, postgres_url: str, nats_url: str, names: list[str],
+                   files: dict[str, str]) -> list[Replica]:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (workflows / f"{name}.yaml").write_text(text)
+    replicas = [Replica(tmp_path, name, postgres_url, nats_url, workflows) for name in names]
+    for replica in replicas:
+        replica.start(timeout_s=30)
+    return replicas
+
+
+def start_run(replica: Replica, workflow: str, input: dict, workflow_id: str) -> str:
+    status, body = replica.request("POST", f"/v1/workflows/{workflow}/runs", {"input": input, "workflow_id": workflow_id})
+    assert status in (200, 201), body
+    return body["run_id"]
+
+
+async def query(url: str, sql: str, *args) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def db(url: str, sql: str, *args) -> list[asyncpg.Record]:
+    return asyncio.run(query(url, sql, *args))
+
+
+def wait(predicate, what: str, timeout_s: float) -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def replica_of(holder: str) -> str:
+    """A lease holder is `<replica>/<process nonce>`."""
+    return holder.partition("/")[0]
+
+
+def invocations(path: Path) -> list[tuple[str, str, str, int]]:
+    """(replica, run_id, step, attempt) of every handler call, in the order they began."""
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+
+
+def open_runs(url: str) -> int:
+    return db(url, "SELECT count(*) AS n FROM runs WHERE status NOT IN ('succeeded', 'failed', 'compensated', 'cancelled')")[0]["n"]
+
+
+def check_steps_once(url: str, calls: list[tuple[str, str, str, int]], killed: str | None) -> None:
+    """Each succeeded step has one result; its invocations are its recorded attempts, plus
+    at most one for an attempt the killed replica was running; no invocation of an attempt
+    the store never recorded."""
+    steps = db(url, "SELECT run_id, key, status, attempt FROM steps WHERE key NOT LIKE '%%#items'")
+    recorded = {(s["run_id"], s["key"]): s for s in steps}
+    assert all(s["status"] in ("succeeded", "skipped") for s in steps), [dict(s) for s in steps if s["status"] != "succeeded"]
+    by_step: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
+    for replica, run_id, step, attempt in calls:
+        by_step[(run_id, step)].append((replica, attempt))
+    for key, made in by_step.items():
+        assert key in recorded, f"an invocation of {key} that the store never recorded"
+        step = recorded[key]
+        assert all(attempt <= step["attempt"] for _, attempt in made), (key, made, step["attempt"])
+        # at-least-once, bounded: one call per recorded attempt, plus one for the kill
+        assert len(made) <= step["attempt"] + (killed is not None), (key, made, step["attempt"])
+        # a later attempt exists only because the kill lost an earlier one (the handler never fails)
+        assert step["attempt"] == 1 or killed is not None, (key, made)
+
+
+@pytest.mark.timeout(180)
+def test_replicas_share_the_runs_and_run_each_step_once(tmp_path, postgres_url, nats_server):
+    ledger = tmp_path / "calls.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"chain": CHAIN})
+    try:
+        runs = [start_run(replicas[i % 2], "chain", {"path": str(ledger), "work_ms": 20}, f"c-{i}") for i in range(40)]
+        wait(lambda: open_runs(postgres_url) == 0 and len(db(postgres_url, "SELECT 1 FROM runs")) == 40,
+             "every run to end", 90)
+        statuses = Counter(r["status"] for r in db(postgres_url, "SELECT status FROM runs"))
+        assert statuses == {"succeeded": 40}, statuses
+        calls = invocations(ledger)
+        assert len(calls) == 120, len(calls)
+        check_steps_once(postgres_url, calls, killed=None)
+        # both replicas' workers took steps of runs started on either
+        share = Counter(replica for replica, *_ in calls)
+        assert set(share) == {"r1", "r2"} and min(share.values()) >= 12, share
+        # each replica answers for every run, wherever it was decided
+        status, body = replicas[1].request("GET", f"/v1/runs/{runs[0]}")
+        assert status == 200 and body["status"] == "succeeded", body
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_killed_mid_load_loses_and_doubles_nothing(tmp_path, postgres_url, nats_server):
+    ledger = tmp_path / "calls.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"], {"chain": CHAIN, "nap": NAP})
+    try:
+        leader = db(postgres_url, "SELECT holder, token FROM leases WHERE name = 'time'")[0]
+        for i in range(45):
+            start_run(replicas[i % 3], "chain", {"path": str(ledger), "work_ms": 150}, f"c-{i}")
+        for i in range(9):
+            start_run(replicas[i % 3], "nap", {"path": str(ledger)}, f"n-{i}")
+        wait(lambda: len(invocations(ledger)) >= 40, "a third of the steps to start", 60)
+        victim = next(r for r in replicas if r.name == replica_of(leader["holder"]))  # the time leader: timers must move
+        victim.kill()
+        survivors = [r for r in replicas if r is not victim]
+        wait(lambda: open_runs(postgres_url) == 0, "every run to end after the kill", 120)
+        statuses = Counter(r["status"] for r in db(postgres_url, "SELECT status FROM runs"))
+        assert statuses == {"succeeded": 54}, statuses
+        check_steps_once(postgres_url, invocations(ledger), killed=victim.name)
+        # another replica took the time lease, with a new fencing token, and took the dead one's lease over
+        now = db(postgres_url, "SELECT holder, token FROM leases WHERE name = 'time'")[0]
+        assert replica_of(now["holder"]) in {r.name for r in survivors} and now["token"] > leader["token"], \
+            (dict(leader), dict(now))
+        wait(lambda: not db(postgres_url, "SELECT 1 FROM leases WHERE name = $1", f"replica:{victim.name}"),
+             "the dead replica's lease to be taken over", 10 * LEASE_S)
+        # nothing left to publish: every step's message and lifecycle event went out
+        wait(lambda: not db(postgres_url, "SELECT 1 FROM outbox LIMIT 1"), "an empty outbox", 10 * LEASE_S)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@pytest.mark.timeout(180)
+def test_every_schedule_tick_starts_one_run_across_replicas(tmp_path, postgres_url, nats_server):
+    ledger = tmp_path / "calls.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"], {"tick": TICK % ledger})
+    try:
+        fires = "SELECT scheduled_at, outcome, run_id, missed FROM schedule_fires WHERE schedule = 'every-second'"
+        wait(lambda: len(db(postgres_url, fires)) >= 4, "four ticks", 30)
+        leader = replica_of(db(postgres_url, "SELECT holder FROM leases WHERE name = 'time'")[0]["holder"])
+        before = len(db(postgres_url, fires))
+        next(r for r in replicas if r.name == leader).kill()
+        wait(lambda: len(db(postgres_url, fires)) >= before + 4, "four ticks after the leader died", 30)
+        for replica in replicas:
+            replica.stop()
+        rows = db(postgres_url, fires)
+        ticks = Counter(row["scheduled_at"] for row in rows)
+        assert all(n == 1 for n in ticks.values()), [t for t, n in ticks.items() if n > 1]
+        started = [row for row in rows if row["outcome"] == "started"]
+        runs = db(postgres_url, "SELECT run_id FROM runs WHERE workflow = 'tick'")
+        assert sorted(r["run_id"] for r in started) == sorted(r["run_id"] for r in runs)
+        # the ticks while the dead leader's lease ran out were fired late by the next one, not lost
+        times = sorted(ticks)
+        assert times == [times[0] + i for i in range(len(times))], times
+    finally:
+        for replica in replicas:
+            replica.stop()
