@@ -79,7 +79,6 @@ class Cluster:
         self.store, self.bus, self.runtime = store, bus, runtime
         self.scheduler = scheduler
         self.token: int | None = None  # the time lease's fencing token while this replica leads
-        self.took_over: list[str] = []  # replicas whose lapsed lease this one handled (tests, logs)
         self._task: asyncio.Task | None = None
         self._sub: Any = None
         self._chores: set[asyncio.Task] = set()
@@ -188,7 +187,6 @@ class Cluster:
                 continue
             checked = await self.runtime.sweep()
             await self._drop(name)
-            self.took_over.append(name.removeprefix(REPLICA_LEASE))
             log.warning("replica %s stopped renewing its lease: %d open runs checked for children to start",
                         name.removeprefix(REPLICA_LEASE), checked)
 
