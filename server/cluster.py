@@ -68,7 +68,7 @@ def replica_name(settings: ClusterSettings) -> str:
 class Cluster:
     """This replica's part: the leases it holds, and the hooks the runtime calls."""
 
-    def __init__(self, settings: ClusterSettings, store: Store, bus: Bus, runtime: Any, scheduler: Any = None) -> None:
+    def __init__(self, settings: ClusterSettings, store: Store, bus: Bus, runtime: Any) -> None:
         self.replica = replica_name(settings)
         # the leases' holder: unique to this process, so a replica restarted under its name
         # takes nothing over from its previous life unseen (a new time token, a lapse noticed)
@@ -77,7 +77,7 @@ class Cluster:
         self.lease_s = settings.lease_s
         self.poll_s = POLL_S
         self.store, self.bus, self.runtime = store, bus, runtime
-        self.scheduler = scheduler
+        self.scheduler: Any = None  # the wiring sets it once built: the time leader runs it
         self.token: int | None = None  # the time lease's fencing token while this replica leads
         self._task: asyncio.Task | None = None
         self._sub: Any = None

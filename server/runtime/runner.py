@@ -265,8 +265,10 @@ class Runtime:
             if heartbeats:
                 for task_id in started_remote_tasks(state):  # queued before the timers start firing
                     self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
+        already = {run_id for waiting in self._queued.values() for run_id in waiting}  # a sweep recovers again
         for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
-            self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
+            if state.run_id not in already:
+                self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
         for key in list(self._queued):
             self._admit(key)
         return len(rows)
@@ -323,7 +325,7 @@ class Runtime:
         _require_storable(input, "input")
         _require_storable(event, "event")
         self._validate_input(loaded, input)
-        state = new_run(run_id or uuid.uuid4().hex, self._graphs.get(loaded.def_hash) or self._placed(loaded.compiled))
+        state = new_run(run_id or uuid.uuid4().hex, self._graphs[loaded.def_hash])  # placed by start()
         state.parent = parent
         state.slot = self._slot_of(loaded, input, event)
         start = Start(self.clock.now(), input=input, event=event, workflow_id=workflow_id, by=by)
