@@ -27,6 +27,15 @@ anything, so it survives the kill) and the lifecycle stream:
 - every lifecycle event (run started and ended, step ended) is in the stream,
   deduplicated by id.
 
+With `--replicas N --db postgres` the same loop runs against a cluster (server/cluster.py):
+replicas r1..rN on one fresh PostgreSQL database (BATON_TEST_POSTGRES_URL's server, or
+an embedded one) with a short cluster lease (`--lease-s`). The driver spreads its calls
+over the live replicas, and a call cut short by a kill is made again on another. Each
+kill SIGKILLs one replica drawn from the seed, often the one holding the `time` lease
+(timers, schedules), and starts it again under its name while the others run on and
+take its work over. The checks are the same, read from PostgreSQL; SQLite's integrity
+check has no counterpart there and is reported as n/a.
+
 Prints the table of checks, then one JSON line; exits 1 if any check failed.
 """
 
@@ -51,11 +60,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import nats
 import nats.errors
 from rich.table import Table
 
-from bench import harness
+from bench import harness, replicas
 from bench.events import nats_server
 
 QUEUE = "chaos"
@@ -167,6 +177,10 @@ NATS_TIMEOUT_S = 10.0
 NATS_SIGNAL_TIMEOUT_S = 2.0  # a reply comes in milliseconds; none means nobody listened
 FETCH_BATCH = 512
 EXAMPLES = 5  # offenders named per failed check
+# A cluster's lease is short so that a killed replica's work moves within the loop's gaps
+# between kills (the server's default of 10 s would outlast most of them).
+LEASE_S = 2.0
+LEADER_SHARE = 0.4  # a kill aims at the time leader this often; the other draws may land on it too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +193,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the server's and nats-server's temporary directories")
     parser.add_argument("--sync", choices=("normal", "full"), default="normal",
                         help="SQLite synchronous mode of the server (default: normal)")
+    parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the store: sqlite (one server), or postgres (replicas; see --replicas)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="with --db postgres: replicas sharing the database, one killed at a time (default: 1)")
+    parser.add_argument("--lease-s", type=float, default=LEASE_S,
+                        help=f"with --db postgres: the replicas' cluster lease (default: {LEASE_S:g})")
     parser.set_defaults(warmup=0)  # bench/__main__.py checks every workload's --warmup
 
 
@@ -190,7 +210,10 @@ class Ledger:
     """The driver's side of the story, compared with the store's at the end."""
 
     kills: list[float] = field(default_factory=list)  # wall time once each killed server had exited
-    integrity: list[str] = field(default_factory=list)  # PRAGMA integrity_check after each kill
+    # PRAGMA integrity_check after each kill; None on PostgreSQL, which has no such check
+    integrity: list[str] | None = field(default_factory=list)
+    victims: list[str] = field(default_factory=list)  # the replica each kill hit
+    leader_kills: int = 0  # kills of the replica holding the time lease at that moment
     restarts_s: list[float] = field(default_factory=list)  # spawn -> /readyz of each restart
     answered: dict[str, str] = field(default_factory=dict)  # workflow_id -> run_id the API answered
     reposts: list[tuple[str, str, str]] = field(default_factory=list)  # (workflow_id, first, second run)
@@ -209,6 +232,7 @@ class Check:
     figure: str
     ok: bool
     examples: tuple[str, ...] = ()  # a few offenders (run and step), printed under the table
+    applies: bool = True  # False: nothing to check on this store (reported as n/a, not as a pass)
 
 
 @dataclass
@@ -235,17 +259,20 @@ def expected_status(run: dict[str, Any]) -> str:
 
 
 def check_integrity(f: Facts) -> Check:
+    if f.ledger.integrity is None:
+        return Check("integrity_check after each kill", "n/a on PostgreSQL", True, applies=False)
     bad = [r for r in f.ledger.integrity if r != "ok"]
     return Check("integrity_check after each kill", f"{len(f.ledger.integrity) - len(bad)}/{len(f.ledger.integrity)} ok",
                  not bad and len(f.ledger.integrity) == len(f.ledger.kills))
 
 
 def check_terminal(f: Facts) -> Check:
-    open_runs = [r["run_id"] for r in f.runs if r["status"] not in harness.TERMINAL]
-    wrong = [r["run_id"] for r in f.runs if r["status"] in harness.TERMINAL and r["status"] != expected_status(r)]
+    open_runs = [f"{r['run_id']} {r['workflow_id']}: {r['status']}" for r in f.runs if r["status"] not in harness.TERMINAL]
+    wrong = [f"{r['run_id']} {r['workflow_id']}: {r['status']}, expected {expected_status(r)}" for r in f.runs
+             if r["status"] in harness.TERMINAL and r["status"] != expected_status(r)]
     return Check("every run terminal, as its input asks",
                  f"{len(f.runs) - len(open_runs)}/{len(f.runs)} terminal, {len(wrong)} wrong status",
-                 not open_runs and not wrong and bool(f.runs))
+                 not open_runs and not wrong and bool(f.runs), tuple((open_runs + wrong)[:EXAMPLES]))
 
 
 def check_workflow_ids(f: Facts) -> Check:
@@ -273,10 +300,19 @@ def check_events(f: Facts) -> Check:
 
 
 def step_results(f: Facts) -> list[tuple[str, str]]:
-    """(run, key) of each recorded step result; a compensation's result is recorded as
-    `task.succeeded` too, told apart by its task id (`<run>:<key>:compensate:<n>`)."""
-    return [(h["run_id"], h["key"]) for h in f.history
-            if h["type"] == "task.succeeded" and ":compensate:" not in (h.get("task_id") or "")]
+    """(run, key) of each step result the engine took. A compensation's result is recorded as
+    `task.succeeded` too, told apart by its task id (`<run>:<key>:compensate:<n>`). A result
+    delivered again (a replica killed before it acked the message) is recorded as well, and
+    `task.ignored` right after it says it changed nothing (server/engine/decide.py, rule 6)."""
+    results = []
+    for h, after in zip(f.history, [*f.history[1:], None]):
+        if h["type"] != "task.succeeded" or ":compensate:" in (h.get("task_id") or ""):
+            continue
+        if (after is not None and after["type"] == "task.ignored" and after["run_id"] == h["run_id"]
+                and after["task_id"] == h["task_id"]):
+            continue
+        results.append((h["run_id"], h["key"]))
+    return results
 
 
 def _task_keys(f: Facts) -> dict[tuple[str, str], dict[str, Any]]:
@@ -288,12 +324,13 @@ def _task_keys(f: Facts) -> dict[tuple[str, str], dict[str, Any]]:
 def check_recorded_once(f: Facts) -> Check:
     results = Counter(step_results(f))
     tasks = _task_keys(f)
-    twice = sum(1 for n in results.values() if n > 1)
-    # a task step that ended succeeded (or was compensated later) has exactly one result
-    unrecorded = sum(1 for k, s in tasks.items() if s["status"] in ("succeeded", "compensated") and results[k] != 1)
+    twice = [f"{run} {key}: {n} results" for (run, key), n in results.items() if n > 1]
+    # a task step that ended succeeded (or was compensated later) has a result
+    unrecorded = [f"{k[0]} {k[1]}: {s['status']} without a result" for k, s in tasks.items()
+                  if s["status"] in ("succeeded", "compensated") and not results[k]]
     return Check("each succeeded step's result recorded once",
-                 f"{sum(results.values())} results, {twice} recorded twice, {unrecorded} succeeded without one",
-                 not twice and not unrecorded)
+                 f"{sum(results.values())} results, {len(twice)} recorded twice, {len(unrecorded)} succeeded without one",
+                 not twice and not unrecorded, tuple((twice + unrecorded)[:EXAMPLES]))
 
 
 def kills_between(kills: list[float], start: float, end: float | None) -> int:
@@ -349,7 +386,7 @@ def check_compensations(f: Facts) -> Check:
     scheduled = Counter((h["run_id"], h["key"]) for h in f.history if h["type"] == "compensation.scheduled")
     over = sum(1 for key, ts in calls.items()
                if len(ts) > scheduled[key] + kills_between(f.ledger.kills, min(ts), None))
-    wrong = 0
+    wrong: list[str] = []
     compensated = 0
     for r in f.runs:
         rid = r["run_id"]
@@ -357,12 +394,12 @@ def check_compensations(f: Facts) -> Check:
             compensated += 1
             expected = list(reversed(done[rid]))
             if comp_order[rid] != expected or ran[rid] != expected:
-                wrong += 1
+                wrong.append(f"{rid}: undid {comp_order[rid]} (handler {ran[rid]}), expected {expected}")
         elif ran[rid] or comp_order[rid]:
-            wrong += 1
+            wrong.append(f"{rid} {r['status']}: undid {comp_order[rid]} (handler {ran[rid]})")
     return Check("compensations: succeeded steps of failed runs, reverse order",
-                 f"{compensated} runs compensated, {wrong} wrong, {sum(map(len, calls.values()))} undo calls, "
-                 f"{over} steps over the bound", not wrong and not over)
+                 f"{compensated} runs compensated, {len(wrong)} wrong, {sum(map(len, calls.values()))} undo calls, "
+                 f"{over} steps over the bound", not wrong and not over, tuple(wrong[:EXAMPLES]))
 
 
 def expected_lifecycle(f: Facts) -> set[str]:
@@ -401,45 +438,88 @@ def run_checks(f: Facts) -> list[Check]:
 # --- reading the store, the handler log, the lifecycle stream -----------------------------------
 
 
-@contextlib.contextmanager
-def read_only(db: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
-    try:
-        yield conn
-    finally:
-        conn.close()
+# The same queries on both stores: a step's task id is read from its JSON in Python, since
+# SQLite's json_extract and PostgreSQL's operators differ and the rows are few.
+RUNS_SQL = "SELECT run_id, workflow, workflow_id, status, data FROM runs"
+STEPS_SQL = "SELECT run_id, key, step_id, status, attempt, finished_at FROM steps"
+HISTORY_SQL = "SELECT run_id, seq, type, key, data FROM history ORDER BY run_id, seq"
+OUTBOX_SQL = "SELECT count(*) FROM outbox"
+OPEN_RUNS_SQL = "SELECT count(*) FROM runs WHERE status NOT IN ('succeeded', 'failed', 'compensated', 'cancelled')"
+EVENT_RUNS_SQL = "SELECT count(*) FROM runs WHERE workflow = 'chaos-event'"
 
 
-def integrity_check(db: Path) -> str:
-    with read_only(db) as conn:
-        rows = conn.execute("PRAGMA integrity_check").fetchall()
-    return "; ".join(str(r[0]) for r in rows)
+class SqliteFile:
+    """The single server's database file, read beside it on a read-only connection."""
+
+    checks_integrity = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def integrity_check(self) -> str:
+        with self._connect() as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+        return "; ".join(str(r[0]) for r in rows)
+
+    def _fetch(self, sqls: tuple[str, ...]) -> list[list[tuple[Any, ...]]]:
+        with self._connect() as conn:
+            return [conn.execute(sql).fetchall() for sql in sqls]
+
+    async def fetch(self, *sqls: str) -> list[list[tuple[Any, ...]]]:
+        return await asyncio.to_thread(self._fetch, sqls)
+
+    async def time_leader(self) -> str | None:
+        return None  # one server: no lease to hold
 
 
-def read_store(db: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
-    with read_only(db) as conn:
-        runs = [{"run_id": rid, "workflow": wf, "workflow_id": wid, "status": st, "input": json.loads(data).get("input")}
-                for rid, wf, wid, st, data in conn.execute(
-                    "SELECT run_id, workflow, workflow_id, status, data FROM runs")]
-        steps = [{"run_id": rid, "key": key, "step_id": sid, "status": st, "attempt": att, "finished_at": fin}
-                 for rid, key, sid, st, att, fin in conn.execute(
-                     "SELECT run_id, key, step_id, status, attempt, finished_at FROM steps")]
-        history = [{"run_id": rid, "seq": seq, "type": typ, "key": key, "task_id": task_id}
-                   for rid, seq, typ, key, task_id in conn.execute(
-                       "SELECT run_id, seq, type, key, json_extract(CAST(data AS TEXT), '$.task_id') FROM history"
-                       " ORDER BY run_id, seq")]
-        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-    return runs, steps, history, outbox
+class PostgresDatabase:
+    """The replicas' shared database."""
+
+    checks_integrity = False  # PostgreSQL has no counterpart of PRAGMA integrity_check to run here
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def fetch(self, *sqls: str) -> list[list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            return [[tuple(row) for row in await conn.fetch(sql)] for sql in sqls]
+        finally:
+            await conn.close()
+
+    async def time_leader(self) -> str | None:
+        """The replica holding the `time` lease (its holder is `<replica>/<process nonce>`)."""
+        [rows] = await self.fetch("SELECT holder FROM leases WHERE name = 'time'")
+        return rows[0][0].partition("/")[0] if rows else None
 
 
-def settled(db: Path, events: int) -> tuple[bool, str]:
+Database = SqliteFile | PostgresDatabase
+
+
+async def read_store(db: Database) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], int]:
+    runs, steps, history, outbox = await db.fetch(RUNS_SQL, STEPS_SQL, HISTORY_SQL, OUTBOX_SQL)
+    return (
+        [{"run_id": rid, "workflow": wf, "workflow_id": wid, "status": st, "input": json.loads(data).get("input")}
+         for rid, wf, wid, st, data in runs],
+        [{"run_id": rid, "key": key, "step_id": sid, "status": st, "attempt": att, "finished_at": fin}
+         for rid, key, sid, st, att, fin in steps],
+        [{"run_id": rid, "seq": seq, "type": typ, "key": key, "task_id": json.loads(data).get("task_id")}
+         for rid, seq, typ, key, data in history],
+        outbox[0][0],
+    )
+
+
+async def settled(db: Database, events: int) -> tuple[bool, str]:
     """Whether every run is terminal, every event has its run and the outbox is empty."""
-    with read_only(db) as conn:
-        open_runs = conn.execute(
-            "SELECT count(*) FROM runs WHERE status NOT IN ('succeeded', 'failed', 'compensated', 'cancelled')"
-        ).fetchone()[0]
-        event_runs = conn.execute("SELECT count(*) FROM runs WHERE workflow = 'chaos-event'").fetchone()[0]
-        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    [[(open_runs,)], [(event_runs,)], [(outbox,)]] = await db.fetch(OPEN_RUNS_SQL, EVENT_RUNS_SQL, OUTBOX_SQL)
     return (not open_runs and event_runs >= events and not outbox,
             f"{open_runs} runs open, {event_runs}/{events} event runs, {outbox} outbox rows")
 
@@ -510,21 +590,39 @@ def worker(workdir: Path, nats_url: str, env: dict[str, str]) -> Iterator[subpro
 
 
 class Driver:
-    """Starts the mix of runs and signals the approvals, riding out the kills: a call that
-    meets a dead server waits until the server is up again and tries once more."""
+    """Starts the mix of runs and signals the approvals, riding out the kills: each call goes
+    to the next live server in turn (as a load balancer would), and a call that meets a dead
+    one tries again on the next, waiting while none is up (the single server's restart)."""
 
-    def __init__(self, server: harness.Server, http: aiohttp.ClientSession, nc: Any, rng: random.Random,
+    def __init__(self, servers: list[harness.Server], http: aiohttp.ClientSession, nc: Any, rng: random.Random,
                  ledger: Ledger) -> None:
-        self.server = server
+        self.servers = servers
         self.http = http
         self.nc = nc
         self.js = nc.jetstream(timeout=NATS_TIMEOUT_S)
         self.rng = rng
         self.ledger = ledger
-        self.up = asyncio.Event()
+        self.down: set[int] = set()  # servers killed and not ready again
+        self.up = asyncio.Event()  # set while any server is up
         self.up.set()
+        self.turn = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.count = 0
+
+    def mark_down(self, i: int) -> None:
+        self.down.add(i)
+        if len(self.down) == len(self.servers):
+            self.up.clear()
+
+    def mark_up(self, i: int) -> None:
+        self.down.discard(i)
+        self.up.set()
+
+    async def server(self) -> harness.Server:
+        await asyncio.wait_for(self.up.wait(), UP_WAIT_S)
+        live = [s for i, s in enumerate(self.servers) if i not in self.down]
+        self.turn += 1
+        return live[self.turn % len(live)]
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -532,10 +630,10 @@ class Driver:
         task.add_done_callback(self.tasks.discard)
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One API call once the server is up; ConnectionError if the server went away meanwhile."""
-        await asyncio.wait_for(self.up.wait(), UP_WAIT_S)
+        """One API call to a live server; ConnectionError if it went away meanwhile."""
+        server = await self.server()
         try:
-            async with self.http.request(method, f"{self.server.url}{path}", json=body) as resp:
+            async with self.http.request(method, f"{server.url}{path}", json=body) as resp:
                 return resp.status, await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ConnectionError(repr(exc)) from None
@@ -660,56 +758,74 @@ class Driver:
                 self.ledger.given_up["driver task"] += len(pending)
 
 
-async def kill_loop(driver: Driver, server: harness.Server, db: Path, iterations: int, load: Load,
+async def pick_victim(db: Database, names: list[str], rng: random.Random) -> tuple[int, bool]:
+    """The server to kill, and whether it holds the time lease. With one server there is no
+    choice to draw (the SQLite loop's draws stay as they were for a given seed)."""
+    leader = await db.time_leader()
+    if len(names) == 1:
+        return 0, names[0] == leader
+    aim, pick = rng.random(), rng.randrange(len(names))
+    if aim < LEADER_SHARE and leader in names:
+        pick = names.index(leader)
+    return pick, names[pick] == leader
+
+
+async def kill_loop(driver: Driver, names: list[str], db: Database, iterations: int, load: Load,
                     rng: random.Random) -> None:
     ledger = driver.ledger
     loop = asyncio.get_running_loop()
-
-    def between() -> None:
-        # The old process has exited: every handler call it made is in the log before this
-        # moment, which is what "a kill that hit the step" compares with. (The time read just
-        # before the SIGKILL is too early: the server runs on for a few ms until it lands.)
-        ledger.kills.append(time.time())
-        # calls made from here on wait for the new server; those in flight at the kill failed
-        # and are retried (a start is first looked up: it may have been committed)
-        loop.call_soon_threadsafe(driver.up.clear)
-        ledger.integrity.append(integrity_check(db))
-
     for i in range(iterations):
         await asyncio.sleep(rng.uniform(*load.kill_gap_s))
         for _ in range(rng.randrange(BURST_STARTS + 1)):
             driver.start_one()  # a burst, so the kill lands among commits and handler calls
         await asyncio.sleep(rng.uniform(*BURST_LEAD_S))
-        restart = await asyncio.to_thread(harness.restart_server, server, kill=True, between=between)
+        victim, leader = await pick_victim(db, names, rng)
+
+        def between(victim: int = victim) -> None:
+            # The old process has exited: every handler call it made is in the log before this
+            # moment, which is what "a kill that hit the step" compares with. (The time read just
+            # before the SIGKILL is too early: the server runs on for a few ms until it lands.)
+            ledger.kills.append(time.time())
+            # calls made from here on go to the other servers, or wait for this one; those in
+            # flight at the kill failed and are retried (a start is first looked up: it may
+            # have been committed)
+            loop.call_soon_threadsafe(driver.mark_down, victim)
+            if ledger.integrity is not None:
+                ledger.integrity.append(db.integrity_check())
+
+        restart = await asyncio.to_thread(harness.restart_server, driver.servers[victim], kill=True, between=between)
         ledger.restarts_s.append(restart.ready_s)
-        driver.up.set()
-        harness.out.print(f"kill {i + 1}/{iterations}: integrity {ledger.integrity[-1]}, "
+        ledger.victims.append(names[victim])
+        ledger.leader_kills += leader
+        driver.mark_up(victim)
+        what = (f"integrity {ledger.integrity[-1]}" if ledger.integrity is not None
+                else f"{names[victim]}{' (time leader)' if leader else ''}")
+        harness.out.print(f"kill {i + 1}/{iterations}: {what}, "
                           f"ready again in {restart.ready_s:.2f}s, {driver.count} starts so far", highlight=False)
 
 
-async def chaos(args: argparse.Namespace, server: harness.Server, nats_url: str, log_path: Path, seed: int,
-                iterations: int, load: Load) -> tuple[list[Check], dict[str, Any]]:
+async def chaos(servers: list[harness.Server], names: list[str], db: Database, nats_url: str, log_path: Path,
+                seed: int, iterations: int, load: Load) -> tuple[list[Check], dict[str, Any]]:
     rng = random.Random(seed)
-    ledger = Ledger()
-    db = server.workdir / "data" / "baton.db"
+    ledger = Ledger(integrity=[] if db.checks_integrity else None)
     nc = await nats.connect(nats_url, connect_timeout=NATS_TIMEOUT_S, max_reconnect_attempts=3)
     try:
         js = nc.jetstream(timeout=NATS_TIMEOUT_S)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
-            driver = Driver(server, http, nc, rng, ledger)
+            driver = Driver(servers, http, nc, rng, ledger)
             stop = asyncio.Event()
             t0 = time.perf_counter()
             loader = asyncio.create_task(driver.load(stop, load.starts_per_s))
             try:
-                await kill_loop(driver, server, db, iterations, load, rng)
+                await kill_loop(driver, names, db, iterations, load, rng)
             finally:
                 stop.set()
                 await loader
             await driver.drain(FINISH_TIMEOUT_S)  # the last starts and every approval's signal
             deadline = time.monotonic() + FINISH_TIMEOUT_S
             while True:
-                done, state = await asyncio.to_thread(settled, db, len(ledger.events))
+                done, state = await settled(db, len(ledger.events))
                 if done or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(FINISH_POLL_S)
@@ -719,19 +835,23 @@ async def chaos(args: argparse.Namespace, server: harness.Server, nats_url: str,
     finally:
         with contextlib.suppress(asyncio.TimeoutError, nats.errors.Error):
             await asyncio.wait_for(nc.close(), 5.0)
-    runs, steps, history, outbox = await asyncio.to_thread(read_store, db)
+    runs, steps, history, outbox = await read_store(db)
     facts = Facts(runs, steps, history, read_log(log_path), ids, copies, outbox, ledger)
     checks = run_checks(facts)
     figures = {
         "workload": "chaos", "seed": seed, "iterations": iterations, "wall_s": round(wall_s, 1),
+        "db": "sqlite" if isinstance(db, SqliteFile) else "postgres", "replicas": len(servers),
         "runs": len(runs), "runs_by_status": dict(Counter(r["status"] for r in runs)),
         "runs_by_workflow": dict(Counter(r["workflow"] for r in runs)),
         "handler_calls": len(facts.log), "events": len(ledger.events),
         "retried_starts": ledger.retried_starts, "retried_signals": ledger.retried_signals,
         "given_up": dict(ledger.given_up),
         "restart_ready_max_s": round(max(ledger.restarts_s, default=0.0), 3),
-        "checks": {c.name: c.ok for c in checks}, "failed": sum(1 for c in checks if not c.ok),
+        "checks": {c.name: c.ok if c.applies else None for c in checks}, "failed": sum(1 for c in checks if not c.ok),
     }
+    if len(servers) > 1:
+        figures.update(kills_by_replica=dict(sorted(Counter(ledger.victims).items())),
+                       leader_kills=ledger.leader_kills)
     return checks, figures
 
 
@@ -742,7 +862,7 @@ def report(checks: list[Check], figures: dict[str, Any], title: str) -> None:
     table.add_column("figure")
     table.add_column("result")
     for c in checks:
-        table.add_row(c.name, c.figure, "[green]pass[/]" if c.ok else "[red]FAIL[/]")
+        table.add_row(c.name, c.figure, "n/a" if not c.applies else "[green]pass[/]" if c.ok else "[red]FAIL[/]")
     harness.out.print(table)
     for c in checks:
         for example in c.examples:
@@ -751,27 +871,81 @@ def report(checks: list[Check], figures: dict[str, Any], title: str) -> None:
     print(json.dumps(figures, separators=(", ", ": ")), flush=True)
 
 
+def usage_error(args: argparse.Namespace, iterations: int) -> str | None:
+    if iterations < 1:
+        return "--iterations must be at least 1"
+    if args.replicas < 1:
+        return "--replicas must be at least 1"
+    if args.replicas > 1 and args.db != "postgres":
+        return "--replicas needs --db postgres: replicas share a PostgreSQL database"
+    if not 1.0 <= args.lease_s <= 300.0:
+        return "--lease-s must be between 1 and 300 (the server's bounds)"
+    return None
+
+
+@contextlib.contextmanager
+def cluster(args: argparse.Namespace, env: dict[str, str]) -> Iterator[
+        tuple[list[harness.Server], list[str], PostgresDatabase]]:
+    """Replicas r1..rN on a fresh database, dropped afterwards unless --keep-dir."""
+    with replicas.postgres(args.keep_dir) as pg_url:
+        db_url = asyncio.run(replicas.fresh_database(pg_url))
+        names = [f"r{i + 1}" for i in range(args.replicas)]
+        try:
+            with contextlib.ExitStack() as stack:
+                yield [stack.enter_context(harness.start_server(WORKFLOWS, keep_dir=args.keep_dir, extra_env={
+                    **env, "BATON_DB": db_url, "BATON_CLUSTER__REPLICA": name,
+                    "BATON_CLUSTER__LEASE_S": f"{args.lease_s:g}"})) for name in names], names, PostgresDatabase(db_url)
+        finally:
+            if args.keep_dir:
+                harness.out.print(f"kept the database {database_name(db_url)}", highlight=False)
+            else:
+                asyncio.run(drop_database(pg_url, database_name(db_url)))
+
+
+def database_name(url: str) -> str:
+    return url.partition("?")[0].rpartition("/")[2]  # printed instead of the URL, which may hold a password
+
+
+async def drop_database(pg_url: str, name: str) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def main(args: argparse.Namespace) -> int:
     iterations = QUICK_ITERATIONS if args.quick else args.iterations
-    if iterations < 1:
-        print("error: --iterations must be at least 1", file=sys.stderr)
+    if error := usage_error(args, iterations):
+        print(f"error: {error}", file=sys.stderr)
         return 2
     load = QUICK_LOAD if args.quick else FULL_LOAD
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
-    harness.out.print(f"chaos: seed {seed}, {iterations} kills", highlight=False)
+    on_cluster = args.db == "postgres"
+    where = (f"{args.replicas} replica(s) on PostgreSQL, lease {args.lease_s:g}s" if on_cluster
+             else f"sqlite {args.sync}")
+    harness.out.print(f"chaos: seed {seed}, {iterations} kills" + (f", {where}" if on_cluster else ""), highlight=False)
     with nats_server(args.keep_dir) as embedded:
         log_dir = Path(tempfile.mkdtemp(prefix="baton-chaos-"))
         log_path = log_dir / "handlers.jsonl"
         env = {"BATON_NATS_URL": embedded.url, "BATON_HANDLER_MODULES": json.dumps(HANDLER_MODULES),
                "CHAOS_HANDLER_LOG": str(log_path)}
         try:
-            with harness.start_server(WORKFLOWS, sync=args.sync, keep_dir=args.keep_dir, extra_env=env) as server:
-                with worker(log_dir, embedded.url, {**os.environ, **env, "PYTHONPATH": server.env["PYTHONPATH"]}):
-                    checks, figures = asyncio.run(chaos(args, server, embedded.url, log_path, seed, iterations, load))
+            with contextlib.ExitStack() as stack:
+                if on_cluster:
+                    servers, names, db = stack.enter_context(cluster(args, env))
+                else:
+                    server = stack.enter_context(harness.start_server(
+                        WORKFLOWS, sync=args.sync, keep_dir=args.keep_dir, extra_env=env))
+                    servers, names, db = [server], ["server"], SqliteFile(server.workdir / "data" / "baton.db")
+                # the worker stops first, then the servers
+                stack.enter_context(worker(log_dir, embedded.url, {**os.environ, **env,
+                                                                   "PYTHONPATH": servers[0].env["PYTHONPATH"]}))
+                checks, figures = asyncio.run(chaos(servers, names, db, embedded.url, log_path, seed, iterations, load))
         finally:
             if args.keep_dir:
                 harness.out.print(f"kept {log_dir} (handler log, worker log)", highlight=False)
             else:
                 shutil.rmtree(log_dir, ignore_errors=True)
-    report(checks, figures, f"chaos: {iterations} kills, seed {seed}, sqlite {args.sync}")
+    report(checks, figures, f"chaos: {iterations} kills, seed {seed}, {where}")
     return 0 if all(c.ok for c in checks) else 1

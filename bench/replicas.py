@@ -47,7 +47,7 @@ def postgres(keep_dir: bool) -> Iterator[str]:
             shutil.rmtree(pgdata, ignore_errors=True)
 
 
-async def _fresh_database(url: str) -> str:
+async def fresh_database(url: str) -> str:
     import asyncpg
 
     name = f"baton_bench_{uuid.uuid4().hex[:10]}"
@@ -88,7 +88,7 @@ async def drive_all(urls: list[str], workflow: str, runs: int, concurrency: int,
 
 def measure(args: argparse.Namespace, pg_url: str, nats_url: str, replicas: int, runs: int,
             workflows: dict[str, str], workflow: str) -> dict[str, Any]:
-    db = asyncio.run(_fresh_database(pg_url))
+    db = asyncio.run(fresh_database(pg_url))
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(harness.start_server(workflows, keep_dir=args.keep_dir, extra_env={
             "BATON_DB": db, "BATON_NATS_URL": nats_url, "BATON_CLUSTER__REPLICA": f"bench-{i + 1}"}))

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,8 +23,8 @@ from server.bus.outbox import OutboxPublisher
 from server.bus.remote import RemoteTasks
 from server.bus.signals import SignalListener
 from server.definitions.catalog import Catalog
-from server.cluster import Cluster
-from server.errors import BusError, ConfigError, DefinitionError
+from server.cluster import Cluster, SoleNode
+from server.errors import BusError, DefinitionError
 from server.runtime.approvals import ApprovalLinks, load_secret
 from server.runtime.clock import Clock
 from server.runtime.runner import Runtime
@@ -119,15 +120,20 @@ async def open_runtime(settings: Settings, clock: Clock | None = None) -> AsyncI
         stack.push_async_callback(handlers.REGISTRY.aclose)
         runtime = Runtime(store, catalog, handlers.REGISTRY, settings.limits, clock)
         cluster = None
-        if settings.db_is_postgres:  # replicas share the work on one database: before start(), which it changes
-            if bus is None:
-                raise ConfigError("several replicas on PostgreSQL share their work through NATS: "
-                                  "set nats_url (nats.enabled is off)")
+        if settings.db_is_postgres and bus is not None and settings.nats_servers:
+            # replicas share the work through the NATS they all connect to: before start(), which it changes
             cluster = runtime.cluster = Cluster(settings.cluster, store, bus, runtime)
+        elif settings.db_is_postgres:  # no NATS, or an embedded one of its own: alone, and sure of it
+            sole = SoleNode(settings.cluster, store)
+            await sole.start()
+            stack.push_async_callback(sole.stop)
         store.on_group = runtime.metrics.store_group  # group commit latency and size
         approvals = settings.approvals
         configured = approvals.secret.get_secret_value() if approvals.secret is not None else None
-        link_key = load_secret(configured, settings.data_dir)
+        if configured or cluster is None:
+            link_key = load_secret(configured, settings.data_dir)
+        else:  # a link made by one replica is opened on any other: one key for all, in the database
+            link_key = await store.shared_secret("approval_link_key", secrets.token_urlsafe(32))
         logs.register_secrets(link_key)  # it signs approval links: never in a log line
         runtime.approval_links = ApprovalLinks(link_key, settings.public_url or settings.url, approvals.link_ttl_s)
         if approvals.notify_url:  # told after each commit that opened requests: closes after the runtime stops

@@ -28,6 +28,11 @@ wins, JetStream carries the work. What each part does, and why it is safe:
   When one expires, the leader takes it over: it starts the child runs that the dead
   replica committed and never started (its steps need nothing: see above). When the
   leader dies, the time lease expires and another replica takes it within `lease_s`.
+
+Without a NATS they all connect to (`nats_url`), there is nothing to share the work
+through, and Baton on PostgreSQL runs as one node, as on SQLite (`SoleNode`): it holds the lease `node`, so that a second
+Baton started on the same database, alone or as a replica, is refused at start instead
+of firing every timer and schedule a second time.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from server.bus.remote import task_message
 from server.bus.tasks import cancel_subject
 from server.engine.commands import ExecuteTask
 from server.engine.state import RunState
-from server.errors import BatonError
+from server.errors import BatonError, ConfigError
 from server.runtime.executor import RunInfo
 from server.runtime.persist import task_key
 from server.settings import Cluster as ClusterSettings
@@ -56,6 +61,7 @@ log = logging.getLogger("baton.cluster")
 
 TIME_LEASE = "time"
 REPLICA_LEASE = "replica:"
+SOLE_LEASE = "node"  # held by a Baton on PostgreSQL without nats_url: it runs alone
 TIMERS_SUBJECT = "baton.cluster.timers"
 RENEWALS_PER_LEASE = 3  # a lease is renewed this often per lease_s: two renewals may fail before it lapses
 POLL_S = 0.25  # how often a replica waiting on a run looks in the store for an end another replica decided
@@ -72,7 +78,7 @@ class Cluster:
         self.replica = replica_name(settings)
         # the leases' holder: unique to this process, so a replica restarted under its name
         # takes nothing over from its previous life unseen (a new time token, a lapse noticed)
-        self.holder = f"{self.replica}/{uuid.uuid4().hex[:8]}"
+        self.holder = holder_of(self.replica)
         self.queue = settings.queue
         self.lease_s = settings.lease_s
         self.poll_s = POLL_S
@@ -103,6 +109,10 @@ class Cluster:
         """Take the lease `replica:<name>`. Held by another process: a replica of that name
         runs, or ran until moments ago (then its lease lapses within lease_s, and whoever
         takes it over starts what it left behind)."""
+        sole = await self.store.get_lease(SOLE_LEASE)
+        if sole is not None and await _live(self.store, SOLE_LEASE):
+            raise ConfigError(f"a Baton without a shared NATS ({sole[0]}) runs alone on this database: stop it, "
+                              "or set its nats_url so that it joins the replicas")
         name = REPLICA_LEASE + self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2 * self.lease_s
@@ -246,3 +256,59 @@ class Cluster:
         task = asyncio.create_task(send())
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+
+
+def holder_of(name: str) -> str:
+    """A lease holder: the node's name and a nonce of this process."""
+    return f"{name}/{uuid.uuid4().hex[:8]}"
+
+
+async def _live(store: Store, name: str) -> bool:
+    return any(n == name and expires_at >= now for n, _, _, expires_at, now in await store.list_leases(name))
+
+
+class SoleNode:
+    """Baton on PostgreSQL without a shared NATS (nats_url): one node, as on SQLite (nothing
+    to share the work through). It holds the lease `node` while it runs, renewed every lease_s / 3."""
+
+    def __init__(self, settings: ClusterSettings, store: Store) -> None:
+        self.name = replica_name(settings)
+        self.holder = holder_of(self.name)
+        self.lease_s = settings.lease_s
+        self.store = store
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Refuse to start beside replicas or another node; else take the lease (one that
+        lapsed, left by a node that died, is taken over)."""
+        replicas = [n.removeprefix(REPLICA_LEASE) for n, _, _, expires_at, now in await self.store.list_leases(REPLICA_LEASE)
+                    if expires_at >= now]
+        if replicas:
+            raise ConfigError(f"replicas run on this database ({', '.join(replicas)}): a Baton without nats_url "
+                              "cannot join them; set it to theirs")
+        if await self.store.acquire_lease(SOLE_LEASE, self.holder, self.lease_s) is None:
+            holder = await self.store.get_lease(SOLE_LEASE)
+            raise ConfigError(f"another Baton without nats_url ({holder[0] if holder else '?'}) runs on this "
+                              "database: one may run alone, or several as replicas with nats_url set")
+        self._task = asyncio.create_task(self._renew(), name="baton-sole-node")
+        log.info("%s runs alone on this database (no nats_url: no replicas to share the work with)", self.name)
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / RENEWALS_PER_LEASE)
+            try:
+                if await self.store.acquire_lease(SOLE_LEASE, self.holder, self.lease_s) is None:
+                    log.error("%s: its lease `node` lapsed and another Baton took it: two nodes may now fire "
+                              "the same timers and schedules; stop one", self.name)
+            except BatonError as exc:
+                log.warning("cannot renew the lease `node`: %s", exc.message)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.store.release_lease(SOLE_LEASE, self.holder)
+        except BatonError as exc:
+            log.warning("cannot release the lease `node` (it lapses by itself): %s", exc.message)

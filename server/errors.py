@@ -79,6 +79,10 @@ class Stale(Conflict):
 
     code = "stale"
 
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id  # the run refused, when known: its batch is the one to fail
+
 
 class Fenced(Conflict):
     """A batch carried a lease fence (name, holder, token) that no longer holds: another

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.api.app import build_api
@@ -48,3 +53,33 @@ async def eventually(predicate: Callable[[], Awaitable[Any]], what: str, timeout
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+def where(settings: Settings) -> Path | str:
+    """The server's database: its SQLite file, or its PostgreSQL URL (BATON_TEST_DB=postgres)."""
+    return settings.db if settings.db_is_postgres else settings.db_path
+
+
+def sql(db: Path | str, statement: str, *args: Any) -> list[tuple]:
+    """Run one statement (`?` placeholders) over a connection of our own, committed, and
+    return its rows: what another process sees, or does behind the server's back. On
+    PostgreSQL it runs in a thread, since the test's event loop may be running the server."""
+    if isinstance(db, str):
+        numbered = iter(range(1, statement.count("?") + 1))
+        statement = re.sub(r"\?", lambda _: f"${next(numbered)}", statement)
+
+        async def run() -> list[tuple]:
+            conn = await asyncpg.connect(db)
+            try:
+                return [tuple(row) for row in await conn.fetch(statement, *args)]
+            finally:
+                await conn.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            return con.execute(statement, args).fetchall()
+    finally:
+        con.close()

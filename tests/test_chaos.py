@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from bench import chaos
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUICK_TIMEOUT_S = 150  # 3 kills and restarts take ~15 s; this only catches a hang
+CLUSTER_TIMEOUT_S = 240  # 3 replicas start one after the other, then 3 kills: ~25 s; this only catches a hang
 
 
 @pytest.mark.integration
@@ -34,6 +36,37 @@ def test_quick_crash_loop_passes_every_check():
     assert figures["runs"] > 0 and not figures["given_up"]
     # every kind of run of the mix took part
     assert set(figures["runs_by_workflow"]) == set(chaos.TASK_STEPS)
+
+
+@pytest.mark.integration
+@pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S + 20)
+def test_quick_crash_loop_on_three_replicas_passes_every_check(postgres_server):
+    # the bench makes (and drops) a database of its own on the session's PostgreSQL
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "chaos", "--quick", "--seed", "11", "--replicas", "3", "--db", "postgres"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=CLUSTER_TIMEOUT_S,
+        env={**os.environ, "BATON_TEST_POSTGRES_URL": postgres_server},
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (figures["db"], figures["replicas"], figures["iterations"]) == ("postgres", 3, chaos.QUICK_ITERATIONS)
+    assert figures["failed"] == 0
+    # SQLite's integrity check has nothing to run on PostgreSQL: n/a, not a pass
+    integrity = _name(chaos.check_integrity)
+    assert figures["checks"].pop(integrity) is None
+    assert set(figures["checks"]) == {check(_good_facts()).name for check in chaos.CHECKS} - {integrity}
+    assert all(figures["checks"].values()), figures["checks"]
+    assert figures["runs"] > 0 and not figures["given_up"]
+    assert sum(figures["kills_by_replica"].values()) == chaos.QUICK_ITERATIONS
+    assert set(figures["runs_by_workflow"]) == set(chaos.TASK_STEPS)
+
+
+def test_replicas_without_postgres_are_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "bench", "chaos", "--replicas", "2"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--replicas needs --db postgres" in proc.stderr
 
 
 # --- the checks on fabricated facts --------------------------------------------------------------
@@ -144,6 +177,14 @@ def test_a_result_recorded_twice_fails():
     assert _name(chaos.check_recorded_once) in _failed(facts)
 
 
+def test_a_result_delivered_again_and_ignored_is_not_a_second_result():
+    facts = _good_facts()
+    facts.history += [{"run_id": "r1", "seq": 98, "type": "task.succeeded", "key": "c", "task_id": "r1:c:1"},
+                      {"run_id": "r1", "seq": 99, "type": "task.ignored", "key": None, "task_id": "r1:c:1"}]
+    facts.history.sort(key=lambda h: (h["run_id"], h["seq"]))
+    assert _failed(facts) == set()
+
+
 def test_compensations_out_of_order_fail():
     facts = _good_facts()
     comps = [h for h in facts.history if h["type"] == "compensation.succeeded"]
@@ -169,6 +210,13 @@ def test_a_lifecycle_event_missing_from_the_stream_fails():
     facts = _good_facts()
     facts.lifecycle_ids.discard("r2:compensated:1")
     assert _failed(facts) == {_name(chaos.check_lifecycle)}
+
+
+def test_no_integrity_check_on_postgres_is_not_applicable_rather_than_a_pass():
+    facts = _good_facts()
+    facts.ledger.integrity = None
+    [check] = [c for c in chaos.run_checks(facts) if c.name == _name(chaos.check_integrity)]
+    assert check.ok and not check.applies
 
 
 def test_a_failed_integrity_check_fails():

@@ -14,13 +14,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import asyncpg
+import nats
+import orjson
 import pytest
 
 from tests.serverproc import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
-LEASE_S = 2.0  # short, so a test sees failover in seconds (the default is 10 s)
+LEASE_S = 2.0  # short, so a test sees failover in seconds
+DEFAULT_LEASE_S = 10.0
 
 CHAIN = """\
 name: chain
@@ -43,22 +46,41 @@ triggers:
 steps:
   - {id: a, task: cluster.step, input: {path: "{{ input.path }}"}}
 """
+EVENTED = """\
+name: evented
+triggers:
+  - event: {subject: "clu.orders.>", input: {path: "{{ event.data.path }}", eid: "{{ event.data.eid }}"}}
+steps:
+  - {id: a, task: cluster.step, input: {path: "{{ input.path }}"}}
+  - {id: b, task: cluster.step, input: {path: "{{ input.path }}"}}
+"""
+GATED = """\
+name: gated
+steps:
+  - {id: a, task: cluster.step, input: {path: "{{ input.path }}"}}
+  - {id: ok, wait_for_signal: {approval: {message: "ship {{ input.n }}?"}}}
+  - {id: go, wait_for_signal: {signal: go, timeout: 1h}}
+  - {id: b, task: cluster.step, input: {path: "{{ input.path }}"}}
+"""
 
 
 class Replica(ServerProcess):
-    def __init__(self, root: Path, name: str, db: str, nats_url: str, workflows: Path) -> None:
+    def __init__(self, root: Path, name: str, db: str, nats_url: str, workflows: Path, lease_s: float) -> None:
         super().__init__(root / name, workflows, ["tests.cluster_handlers"], BATON_DB=db, BATON_NATS_URL=nats_url,
-                         BATON_CLUSTER__REPLICA=name, BATON_CLUSTER__LEASE_S=str(LEASE_S), BATON_LOG_LEVEL="INFO")
+                         BATON_CLUSTER__REPLICA=name, BATON_CLUSTER__LEASE_S=str(lease_s), BATON_LOG_LEVEL="INFO")
         self.name = name
 
 
 def start_replicas(tmp_path: Path, postgres_url: str, nats_url: str, names: list[str],
-                   files: dict[str, str]) -> list[Replica]:
+                   files: dict[str, str], lease_s: float = LEASE_S) -> list[Replica]:
+    """`lease_s`: the tests without a kill take the default, for what a short one costs: an
+    in-process step's heartbeat deadline is the lease, and on a loaded machine a result can
+    take longer than 2 s to be decided; the attempt is then made again (at-least-once)."""
     workflows = tmp_path / "workflows"
     workflows.mkdir(exist_ok=True)
     for name, text in files.items():
         (workflows / f"{name}.yaml").write_text(text)
-    replicas = [Replica(tmp_path, name, postgres_url, nats_url, workflows) for name in names]
+    replicas = [Replica(tmp_path, name, postgres_url, nats_url, workflows, lease_s) for name in names]
     for replica in replicas:
         replica.start(timeout_s=30)
     return replicas
@@ -133,7 +155,8 @@ def check_steps_once(url: str, calls: list[tuple[str, str, str, int]], killed: s
 @pytest.mark.timeout(180)
 def test_replicas_share_the_runs_and_run_each_step_once(tmp_path, postgres_url, nats_server):
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"chain": CHAIN})
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"chain": CHAIN},
+                              lease_s=DEFAULT_LEASE_S)
     try:
         runs = [start_run(replicas[i % 2], "chain", {"path": str(ledger), "work_ms": 20}, f"c-{i}") for i in range(40)]
         wait(lambda: open_runs(postgres_url) == 0 and len(db(postgres_url, "SELECT 1 FROM runs")) == 40,
@@ -210,3 +233,142 @@ def test_every_schedule_tick_starts_one_run_across_replicas(tmp_path, postgres_u
     finally:
         for replica in replicas:
             replica.stop()
+
+
+async def publish_twice(nats_url: str, events: list[dict]) -> None:
+    """Each event as a CloudEvent, published twice without Nats-Msg-Id: the stream keeps both
+    copies, and replicas fetching at once may each get one. Only Baton's own dedupe (source + id,
+    in the database) can keep them to one run."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        for data in events:
+            body = orjson.dumps({"specversion": "1.0", "id": data["eid"], "source": "tests/cluster",
+                                 "type": "order.created", "data": data})
+            for _ in range(2):
+                await js.publish("clu.orders.created", body)
+    finally:
+        await nc.close()
+
+
+async def consumer_backlog(nats_url: str) -> int:
+    """Messages of the trigger stream not yet delivered or not yet acknowledged, all replicas'."""
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().consumer_info("BATON_EVENTS", "baton-triggers")
+        return info.num_pending + info.num_ack_pending
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(180)
+def test_each_event_starts_one_run_across_replicas(tmp_path, postgres_url, nats_server):
+    ledger = tmp_path / "calls.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"evented": EVENTED},
+                              lease_s=DEFAULT_LEASE_S)
+    try:
+        asyncio.run(publish_twice(nats_server.url, [{"eid": f"e-{i}", "path": str(ledger)} for i in range(30)]))
+        wait(lambda: asyncio.run(consumer_backlog(nats_server.url)) == 0, "every copy to be handled", 60)
+        wait(lambda: open_runs(postgres_url) == 0, "every run to end", 60)
+        runs = db(postgres_url, "SELECT run_id, status, data FROM runs")
+        eids = Counter(orjson.loads(r["data"])["input"]["eid"] for r in runs)
+        assert eids == {f"e-{i}": 1 for i in range(30)}, [e for e, n in eids.items() if n > 1]
+        assert {r["status"] for r in runs} == {"succeeded"}
+        assert db(postgres_url, "SELECT count(*) AS n FROM events")[0]["n"] == 30
+        calls = invocations(ledger)
+        assert len(calls) == 60, len(calls)
+        check_steps_once(postgres_url, calls, killed=None)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+async def signal_over_nats(nats_url: str, run_id: str) -> dict:
+    nc = await nats.connect(nats_url)
+    try:
+        return orjson.loads((await nc.request(f"baton.signal.{run_id}.go", b"{}", timeout=10)).data)
+    finally:
+        await nc.close()
+
+
+def waiting_for(replica: Replica, run_id: str) -> list[str]:
+    status, body = replica.request("GET", f"/v1/runs/{run_id}")
+    assert status == 200, body
+    return body["waiting_for"]
+
+
+@pytest.mark.timeout(180)
+def test_approvals_and_signals_reach_a_run_on_any_replica(tmp_path, postgres_url, nats_server):
+    """Runs started on r1 are approved on r2 by the links r1 signs (one signing key for both,
+    kept in the database) and signalled over HTTP on r2 or over NATS (a queue group: any replica)."""
+    ledger = tmp_path / "calls.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"gated": GATED},
+                              lease_s=DEFAULT_LEASE_S)
+    r1, r2 = replicas
+    try:
+        runs = [start_run(r1, "gated", {"path": str(ledger), "n": i}, f"g-{i}") for i in range(6)]
+
+        def pending() -> list[dict]:  # the links as r1 signs them
+            status, body = r1.request("GET", "/v1/approvals?status=pending")
+            assert status == 200, body
+            return body["approvals"] if len(body["approvals"]) == 6 else []
+
+        for approval in wait(pending, "six approval requests", 60):
+            path = "/v1/approvals/" + approval["link"].rsplit("/", 1)[1]
+            status, body = r2.request("POST", path, {"decision": "approve", "name": "carol"})
+            assert status == 200, body
+        for run_id in runs:
+            wait(lambda: waiting_for(r1, run_id) == ["go"], f"{run_id} to wait for go", 30)
+        for run_id in runs[:3]:
+            status, body = r2.request("POST", f"/v1/runs/{run_id}/signals/go", {})
+            assert status == 202, body
+        for run_id in runs[3:]:
+            reply = asyncio.run(signal_over_nats(nats_server.url, run_id))
+            assert reply["ok"], reply
+        wait(lambda: open_runs(postgres_url) == 0, "every run to end", 60)
+        statuses = Counter(r["status"] for r in db(postgres_url, "SELECT status FROM runs"))
+        assert statuses == {"succeeded": 6}, statuses
+        decided = db(postgres_url, "SELECT status, decided_via FROM approvals")
+        assert [(a["status"], a["decided_via"]) for a in decided] == [("approved", "link")] * 6
+        calls = invocations(ledger)
+        assert len(calls) == 12, len(calls)
+        check_steps_once(postgres_url, calls, killed=None)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_without_a_shared_nats_runs_alone_and_refuses_company(tmp_path, postgres_url, nats_server):
+    """On PostgreSQL without nats_url (here: NATS off) Baton runs as one node, as on SQLite;
+    a second such node, or a replica, would double its timers and schedules: refused at start."""
+    ledger = tmp_path / "calls.log"
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "chain.yaml").write_text(CHAIN)
+
+    def alone(name: str) -> ServerProcess:
+        return ServerProcess(tmp_path / name, workflows, ["tests.cluster_handlers"], BATON_DB=postgres_url,
+                             BATON_NATS__ENABLED="false", BATON_CLUSTER__REPLICA=name, BATON_CLUSTER__LEASE_S=str(LEASE_S))
+
+    a = alone("a")
+    a.start(timeout_s=30)
+    try:
+        run_id = start_run(a, "chain", {"path": str(ledger), "work_ms": 0}, "solo")
+        status, body = a.request("GET", f"/v1/runs/{run_id}/wait?timeout=20")
+        assert status == 200 and body["status"] == "succeeded", body
+        assert [(c[0], c[2]) for c in invocations(ledger)] == [("a", "a"), ("a", "b"), ("a", "c")]
+        with pytest.raises(RuntimeError, match=r"another Baton without nats_url \(a/\w+\) runs on this database"):
+            alone("b").start(timeout_s=30)
+        with pytest.raises(RuntimeError, match=r"a Baton without a shared NATS \(a/\w+\) runs alone"):
+            Replica(tmp_path, "r1", postgres_url, nats_server.url, workflows, LEASE_S).start(timeout_s=30)
+    finally:
+        a.stop()
+    # stopped, it gave its lease up: replicas may start, and then a lone node may not
+    r1 = Replica(tmp_path, "r1", postgres_url, nats_server.url, workflows, LEASE_S)
+    r1.start(timeout_s=30)
+    try:
+        with pytest.raises(RuntimeError, match=r"replicas run on this database \(r1\)"):
+            alone("c").start(timeout_s=30)
+    finally:
+        r1.stop()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import orjson
 
 from server.engine.commands import CancelTask, CancelTimer, ExecuteTask, StartTimer
-from server.engine.decide import decide, inflight_commands, new_run, only_moves_a_heartbeat, started_remote_tasks
+from server.engine.decide import (
+    LOST_ATTEMPTS, decide, inflight_commands, new_run, only_moves_a_heartbeat, started_remote_tasks,
+)
 from server.engine.events import (
     ErrorInfo, TaskFailed, TaskHeartbeat, TaskStarted, TaskSucceeded, TimerFired, event_from_dict, event_to_dict,
 )
+from server.engine.graph import on_queue
 from tests.enginesim import Sim, workflow
 
 RETRY = {"max_attempts": 3, "initial_delay": 1, "jitter": 0}
@@ -161,3 +164,41 @@ def test_replaying_the_history_without_heartbeats_reaches_the_same_state():
             continue  # as the store keeps it: heartbeats are not history
         decide(replayed, event_from_dict(event.type, orjson.loads(orjson.dumps(event_to_dict(event)))))
     assert replayed.view() == sim.state.view()
+
+
+# -- replicas: in-process steps on the shared queue (engine.graph.on_queue) -----------------
+
+
+def lost_with(sim: Sim, key: str, compensation: bool = False) -> ExecuteTask:
+    """The attempt is started by replica r3, which then dies: its heartbeat deadline passes."""
+    task = sim.task(key, compensation)
+    sim.apply(TaskStarted(task.task_id, sim.now, "r3"))
+    sim.advance(2)
+    return task
+
+
+def test_a_step_lost_with_its_replica_is_made_again_at_once_beyond_its_retry_policy_a_few_times():
+    sim = Sim(on_queue(workflow([{"id": "a", "task": "local"}]), "baton", 2.0))  # no retry policy: 1 attempt
+    sim.start()
+    for attempt in range(1, LOST_ATTEMPTS + 2):
+        assert lost_with(sim, "a").attempt == attempt
+        if attempt <= LOST_ATTEMPTS:
+            assert sim.records("step.retrying")[-1].data["lost"] is True
+            sim.fire_due()  # made again now, not after a backoff
+    # a handler that takes its replica down every time does not go round the cluster for ever
+    assert sim.finished().status == "failed" and "HeartbeatTimeout" in str(sim.finished().error)
+
+
+def test_a_compensation_lost_with_its_replica_is_made_again_whatever_its_retry_policy():
+    sim = Sim(on_queue(workflow([{"id": "a", "task": "local", "compensate": {"task": "undo"}},
+                                 {"id": "b", "task": "local"}]), "baton", 2.0))
+    sim.start()
+    sim.succeed("a", "done")
+    sim.fail("b", retryable=False)
+    first = lost_with(sim, "a", compensation=True)
+    assert sim.records("compensation.retrying")[-1].data["lost"] is True
+    sim.fire_due()
+    again = sim.task("a", compensation=True)
+    assert (first.task_id, again.task_id) == ("r1:a:compensate:1", "r1:a:compensate:2")
+    sim.apply(TaskSucceeded(again.task_id, sim.now))
+    assert sim.finished().status == "compensated"

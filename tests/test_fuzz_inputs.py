@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,7 @@ from ruamel.yaml import YAML
 
 from server.definitions.loader import LoadedWorkflow, load_paths, load_workflow_text
 from server.errors import DefinitionError
-from tests.inproc import eventually
+from tests.inproc import eventually, sql, where
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "config" / "workflows").glob("*.yaml"))
@@ -230,21 +229,17 @@ def test_a_template_nested_too_deep_is_a_problem_not_a_crash(expression):
 # --- the store, before and after ----------------------------------------------------
 
 # Tables a refusal may write to on purpose: the audit log records refused calls (what
-# an auditor looks for). Everything else must read the same after a refusal.
-AUDIT_TABLES = frozenset({"audit"})
+# an auditor looks for), and a lone node on PostgreSQL renews its lease. Everything else
+# must read the same after a refusal.
+AUDIT_TABLES = frozenset({"audit", "leases"})
 RUN_TABLES = ("runs", "steps", "history", "timers", "approvals")
 
 
-def dump(db: Path, skip: frozenset[str] = AUDIT_TABLES) -> dict[str, list[str]]:
-    """Every row of every table, as text (a second, read-only connection: it sees what
-    the server committed)."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        tables = [row[0] for row in con.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"'))) for t in tables if t not in skip}
-    finally:
-        con.close()
+def dump(db: Path | str, skip: frozenset[str] = AUDIT_TABLES) -> dict[str, list[str]]:
+    """Every row of every table, as text."""
+    tables = sql(db, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()" if isinstance(db, str)
+                   else "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    return {t: sorted(map(repr, sql(db, f'SELECT * FROM "{t}"'))) for (t,) in tables if t not in skip}
 
 
 def assert_unchanged(before: dict[str, list[str]], after: dict[str, list[str]], what: str) -> None:
@@ -278,12 +273,8 @@ SUBJECTS = ["shop.orders.created", "shop.orders.paid", "shop.orders", "shop.x.y.
 STREAM_SEQ = itertools.count(1)  # each message's place in the (imagined) stream
 
 
-def dead_letter_errors(db: Path) -> list[str]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return [row[0] for row in con.execute("SELECT error FROM dead_letters ORDER BY id")]
-    finally:
-        con.close()
+def dead_letter_errors(db: Path | str) -> list[str]:
+    return [row[0] for row in sql(db, "SELECT error FROM dead_letters ORDER BY id")]
 
 
 class NatsMessage:
@@ -317,7 +308,7 @@ async def event_path(tmp_path):
     settings = Settings(data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], nats={"enabled": False},
                         auth={"enabled": False})
     async with open_runtime(settings) as runtime:
-        yield EventTriggers(None, runtime, runtime.store, settings.nats), settings.db_path  # type: ignore[arg-type]
+        yield EventTriggers(None, runtime, runtime.store, settings.nats), where(settings)  # type: ignore[arg-type]
 
 
 _header_text = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"), max_size=30)
@@ -433,7 +424,7 @@ async def api(tmp_path, monkeypatch):
     settings = Settings(data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], nats={"enabled": False},
                         auth={"enabled": False}, limits={"max_body_bytes": MAX_BODY_BYTES})
     async with api_client(settings) as client:
-        client.db = settings.db_path
+        client.db = where(settings)
         yield client
 
 

@@ -100,7 +100,8 @@ async def test_cancelling_a_run_withdraws_the_task_no_worker_took(make_settings,
         js = client.jetstream()
         await eventually(lambda: _pending(js, "BATON_TASKS", 1), "the task to be queued")
         await rt.cancel(run["run_id"])
-        await eventually(lambda: _pending(js, "BATON_TASKS", 0), "the task to be deleted from its queue")
+        if rt.cluster is None:  # replicas do not know where another's outbox put it: workers skip it instead
+            await eventually(lambda: _pending(js, "BATON_TASKS", 0), "the task to be deleted from its queue")
         await eventually(_true_when(lambda: cancels), "the cancel notice")
         assert orjson.loads(cancels[0]) == {"task_id": f"{run['run_id']}:render:1"}
 

@@ -8,7 +8,6 @@ are committed; never a fixed sleep.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -22,7 +21,7 @@ from server.runtime.clock import ManualClock, iso
 from server.settings import Settings
 from server.triggers.scheduler import IDLE_S
 from server.api.schedules import CalendarList, FirePage, ScheduleList, ScheduleRunStarted, ScheduleView
-from tests.inproc import api_client, call, eventually, runtime_of
+from tests.inproc import api_client, call, eventually, runtime_of, sql, where
 
 WAIT_S = 10.0
 
@@ -297,14 +296,9 @@ async def test_a_tick_fired_again_after_a_crash_finds_the_run_it_started(tmp_pat
     async with serving(settings, clock) as client:
         first = await step_to(client, clock, "tick", at("2026-06-01T10:02:10"))
         assert [f["outcome"] for f in first] == ["started", "started"]
-    db = sqlite3.connect(settings.db_path)
-    try:
-        with db:
-            db.execute("UPDATE schedules SET next_at = ?, last_fire_at = NULL, last_run_id = NULL, last_outcome = NULL"
-                       " WHERE name = 'tick'", (at("2026-06-01T10:01:00"),))
-            db.execute("DELETE FROM schedule_fires WHERE schedule = 'tick'")
-    finally:
-        db.close()
+    sql(where(settings), "UPDATE schedules SET next_at = ?, last_fire_at = NULL, last_run_id = NULL,"
+        " last_outcome = NULL WHERE name = 'tick'", at("2026-06-01T10:01:00"))
+    sql(where(settings), "DELETE FROM schedule_fires WHERE schedule = 'tick'")
     async with serving(settings, ManualClock(clock.now())) as client:
         again = await fires_reaching(client, "tick", 2)
         assert [(f["scheduled_at"][11:16], f["outcome"], f["reason"], f["run_id"]) for f in again] == [

@@ -16,6 +16,7 @@ from server.errors import Conflict, Fenced, Stale, StoreError
 from server.settings import Settings
 from server.store import make_store
 from server.store.base import Batch, HistoryRow, RunRow
+from server.store.batching import migrations
 from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
 
@@ -78,7 +79,7 @@ async def test_a_new_run_must_come_with_rev_0_and_an_existing_one_must_not(check
 
 async def test_a_stale_batch_fails_alone_and_its_neighbours_in_the_group_commit(checked):
     await checked.commit(Batch(runs=[run("r1"), run("r2")]))
-    retried = checked.stats.retried_groups
+    retried, transactions = checked.stats.retried_groups, checked.stats.transactions
 
     results = await asyncio.gather(
         checked.commit(Batch(runs=[run("r1", 1, status="succeeded")], history=[event("r1", 1)])),
@@ -88,8 +89,9 @@ async def test_a_stale_batch_fails_alone_and_its_neighbours_in_the_group_commit(
     )
 
     assert [type(r) for r in results] == [type(None), Stale, type(None)]
-    assert "run r2" in str(results[1])
-    assert checked.stats.retried_groups == retried + 1  # they were one group, retried one by one
+    assert "run r2" in str(results[1]) and results[1].run_id == "r2"
+    assert checked.stats.retried_groups == retried + 1  # they were one group, rolled back once
+    assert checked.stats.transactions == transactions + 1  # the other two then committed as one
     assert [(r.run_id, r.status, r.rev) for r in await checked.get_runs(["r1", "r2", "r3"])] == [
         ("r1", "succeeded", 2), ("r2", "running", 1), ("r3", "running", 1)]
     assert await checked.history("r2") == [] and len(await checked.history("r1")) == 1
@@ -195,6 +197,13 @@ async def test_a_dropped_lease_is_gone_if_its_holder_dropped_it(checked):
     assert await checked.list_leases("replica/") == []
 
 
+async def test_a_shared_secret_is_the_first_one_stored_for_every_caller(checked):
+    first = await checked.shared_secret("approval_link_key", "from-r1")
+    others = await asyncio.gather(*(checked.shared_secret("approval_link_key", f"from-r{i}") for i in range(2, 6)))
+    assert first == "from-r1" and set(others) == {"from-r1"}
+    assert await checked.shared_secret("another", "x") == "x"  # each name its own
+
+
 # -- PostgreSQL's own ----------------------------------------------------------------
 
 
@@ -214,12 +223,13 @@ async def test_replicas_opening_one_empty_database_at_once_migrate_it_once(postg
         assert [r.run_id for r in (await stores[2].list_runs())[0]] == ["r1"]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
-    assert await schema_versions(postgres_url) == [1]
+    latest = len(migrations("server.store.migrations.postgres"))
+    assert latest >= 2 and await schema_versions(postgres_url) == [latest]
 
     again = PostgresStore(postgres_url)  # a current schema: opens without migrating
     await again.open()
     await again.close()
-    assert await schema_versions(postgres_url) == [1]
+    assert await schema_versions(postgres_url) == [latest]
 
 
 async def test_a_schema_newer_than_the_code_is_refused(postgres_url):
@@ -258,7 +268,8 @@ async def test_a_missing_database_is_a_store_error_that_says_so(postgres_url):
         await PostgresStore(postgres_url.replace("/baton_test_", "/missing_")).open()
 
 
-def test_the_db_setting_picks_the_store_and_its_log_line_hides_the_password(tmp_path):
+def test_the_db_setting_picks_the_store_and_its_log_line_hides_the_password(tmp_path, monkeypatch):
+    monkeypatch.delenv("BATON_DB", raising=False)  # the default, whatever the suite runs on
     url = "postgresql://baton:hunter2@db.internal:5432/baton"
     on_postgres = Settings(db=url)
     assert isinstance(make_store(on_postgres), PostgresStore)

@@ -652,6 +652,13 @@ class _Decider:
             self._dirty(key)
             self.note("step.retrying", key, {"attempt": st.attempt, "delay_s": 0, "error": error.to_dict(), "lost": True})
             self._start_timer(f"retry:{key}", self.now)
+        elif not step and node.replace_lost and st.comp_attempt < node.compensate_retry.max_attempts + LOST_ATTEMPTS:
+            # an undo lost with its replica is made again too, whatever its retry policy
+            st.comp_error = error.to_dict()
+            self._dirty(key)
+            self.note("compensation.retrying", key,
+                      {"attempt": st.comp_attempt, "delay_s": 0, "error": error.to_dict(), "lost": True})
+            self._start_timer(f"cretry:{key}", self.now)
         elif step:
             self._attempt_failed(key, error, jitter)
         else:

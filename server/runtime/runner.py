@@ -583,12 +583,25 @@ class Runtime:
                 return
 
     async def _process(self, items: list[_Item]) -> None:
-        batch = Batch()
+        # One batch for the lot on one node. In a cluster, one per run: another replica may
+        # have decided any of them meanwhile, and a stale run must fail alone (the store's
+        # group commit still writes the batches in one transaction), not send every other
+        # event of the lot round again behind it.
+        batches: dict[str, Batch] = {}
         decided: list[tuple[RunState, list[Command], _Item]] = []
         touched: dict[str, RunState] = {}
         requested: list[dict[str, Any]] = []  # approval requests opened by this batch
         timer_ops: dict[tuple[str, str], float | None] = {}
-        facts: list[Any] = []  # what each decision leaves for the metrics, counted once committed
+        facts: list[Any] = []  # what each decision leaves for the metrics, counted once committed, as `decided`
+        per_run = self.cluster is not None
+
+        def batch_of(run_id: str) -> Batch:
+            key = run_id if per_run else ""
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = Batch()
+            return batch
+
         loaded = await self._load_states([i.run_id for i in items if i.new_state is None and i.run_id not in self._cache])
         for item in items:
             try:
@@ -610,6 +623,7 @@ class Runtime:
                     self._release(state)  # cancelled while its admission was on the way
                     continue
                 item.event = Start(**{**state.queued_start, "at": item.event.at})
+            batch = batch_of(state.run_id)
             if item.new_state is not None and state.slot is not None and not self._take_slot(state):
                 self._queue(state, item, batch)
                 touched[state.run_id] = state
@@ -642,18 +656,26 @@ class Runtime:
             return
         now = self.clock.now()
         for state in touched.values():
+            batch = batch_of(state.run_id)
             batch.runs.append(run_row(state, now))
             batch.steps += step_rows(state)
         for (run_id, timer_id), fire_at in timer_ops.items():
             if fire_at is None:
-                batch.timers_deleted.append((run_id, timer_id))
+                batch_of(run_id).timers_deleted.append((run_id, timer_id))
             else:
-                batch.timers_set.append(TimerRow(run_id, timer_id, fire_at))
-        try:
-            await self.store.commit(batch)
-        except BatonError as exc:
-            self._commit_failed(exc, touched, decided)
-            return
+                batch_of(run_id).timers_set.append(TimerRow(run_id, timer_id, fire_at))
+        failed = await self._commit(batches)
+        if failed:
+            for exc, run_ids in failed:  # one call per error: a failing store fails every batch
+                self._commit_failed(exc, {r: touched.pop(r) for r in run_ids},
+                                    [d for d in decided if d[0].run_id in run_ids])
+            lost = {r for _, run_ids in failed for r in run_ids}
+            kept = [i for i, d in enumerate(decided) if d[0].run_id not in lost]
+            decided, facts = [decided[i] for i in kept], [facts[i] for i in kept]
+            requested = [view for view in requested if view["run_id"] not in lost]
+            batches = {key: b for key, b in batches.items() if key not in lost}
+            if not decided:
+                return
         for state in touched.values():
             state.rev += 1  # what the store now holds: the next decision is fenced on it
         if not self._store_ok:
@@ -667,13 +689,14 @@ class Runtime:
         if self.run_spans is not None:
             try:
                 rows_of: dict[str, list[HistoryRow]] = {}
-                for row in batch.history:
-                    rows_of.setdefault(row.run_id, []).append(row)
+                for batch in batches.values():
+                    for row in batch.history:
+                        rows_of.setdefault(row.run_id, []).append(row)
                 for state in touched.values():
                     self.run_spans.committed(state, rows_of.get(state.run_id, []))
             except Exception:
                 log.exception("spans of a committed batch not queued")
-        if batch.outbox and self.outbox_written is not None:
+        if self.outbox_written is not None and any(batch.outbox for batch in batches.values()):
             self.outbox_written()
         if requested and self.approval_requested is not None:
             self.approval_requested(requested)
@@ -686,6 +709,29 @@ class Runtime:
             # decided by another replica, and a state kept here would then lose its next commit
             if state.terminal or not (state.tasks or state.children) or self.cluster is not None:
                 self._cache.pop(state.run_id, None)
+
+    async def _commit(self, batches: dict[str, Batch]) -> list[tuple[BatonError, set[str]]]:
+        """Commit the batches (at once: the store groups them); return each error met, with
+        the runs of the batches it failed. An error that is not the store's goes up."""
+        keys = list(batches)
+        if len(keys) == 1:
+            outcomes: list[BaseException | None] = []
+            try:
+                await self.store.commit(batches[keys[0]])
+                outcomes.append(None)
+            except BatonError as exc:
+                outcomes.append(exc)
+        else:
+            outcomes = await asyncio.gather(*(self.store.commit(batches[k]) for k in keys), return_exceptions=True)
+        failed: dict[tuple[type, str], tuple[BatonError, set[str]]] = {}
+        for key, outcome in zip(keys, outcomes):
+            if outcome is None:
+                continue
+            if not isinstance(outcome, BatonError):
+                raise outcome
+            exc, run_ids = failed.setdefault((type(outcome), outcome.message), (outcome, set()))
+            run_ids.update(run.run_id for run in batches[key].runs)
+        return list(failed.values())
 
     def _commit_failed(self, exc: BatonError, touched: dict[str, RunState],
                        decided: list[tuple[RunState, list[Command], _Item]]) -> None:

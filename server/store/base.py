@@ -412,6 +412,10 @@ class Store(Protocol):
         is gone (a replica that stopped), which would otherwise be listed for ever. The next
         holder of that name starts again at token 1."""
 
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        """The secret stored as `name`, storing `candidate` first if there is none: every
+        replica on one database gets the same value, whichever asked first."""
+
 
 # -- list cursors --------------------------------------------------------------
 

@@ -162,7 +162,7 @@ def stale_run(stored: dict[str, int], written: list[tuple[str, int]]) -> Stale:
     revs = dict(stored)
     for run_id, rev in written:
         if revs.get(run_id, 0) != rev or (rev > 0 and run_id not in revs):
-            return Stale(f"run {run_id} was changed by another decision (expected revision {rev})")
+            return Stale(f"run {run_id} was changed by another decision (expected revision {rev})", run_id=run_id)
         revs[run_id] = rev + 1
     return Stale("a run was changed by another decision")  # written meanwhile by another process
 
@@ -183,7 +183,7 @@ class StoreStats:
     groups: int = 0  # writer rounds, each taking all that was queued
     transactions: int = 0  # transactions committed
     batches: int = 0  # batches (and definitions) committed
-    retried_groups: int = 0  # groups rolled back for one batch's data and retried one by one
+    retried_groups: int = 0  # rollbacks for one batch's data (the rest then retried)
     failed_batches: int = 0  # batches whose caller got an error
     largest_group: int = 0
 
@@ -197,9 +197,10 @@ class GroupWriter:
 
     `commit()` only enqueues; one writer task takes everything queued (up to
     MAX_GROUP_BATCHES), writes it as one transaction (`_transaction`), then resolves every
-    caller. A group that fails because of one batch's data (`_is_batch_error`) is retried
-    one transaction per batch, so only the offending caller gets the error; a failure of
-    the database itself fails the whole group. A store sets `where` (for messages),
+    caller. A group that fails because of one batch's data (`_is_batch_error`) fails that
+    batch alone: a stale run names its batch, and the rest is tried again as one group
+    (replicas racing for runs make this common); after any other batch error, each batch is
+    tried in its own transaction. A failure of the database itself fails the whole group. A store sets `where` (for messages),
     `stats`, `on_group`, and starts `_write_loop` on `_queue` as `_writer`."""
 
     where: str
@@ -255,24 +256,31 @@ class GroupWriter:
         self.stats.groups += 1
         self.stats.largest_group = max(self.stats.largest_group, len(pending))
         started = time.perf_counter()
-        try:
-            await self._transaction(p.item for p in pending)
-        except Exception as exc:
-            if len(pending) == 1 or not self._is_batch_error(exc):
-                self._failed(pending, exc)
-                return
-            self.stats.retried_groups += 1
-            for p in pending:
-                try:
-                    await self._transaction([p.item])
-                except Exception as one_exc:
-                    self._failed([p], one_exc)
-                else:
-                    self._succeeded([p])
-        else:
+        while True:
+            try:
+                await self._transaction(p.item for p in pending)
+            except Exception as exc:
+                if len(pending) == 1 or not self._is_batch_error(exc):
+                    self._failed(pending, exc)
+                    return
+                self.stats.retried_groups += 1
+                culprit = _stale_batch(exc, pending)
+                if culprit is None:
+                    break
+                self._failed([culprit], exc)  # each pass drops one batch: at most len(pending) passes
+                pending = [p for p in pending if p is not culprit]
+                continue
             if self.on_group is not None:
                 self.on_group(len(pending), time.perf_counter() - started)
             self._succeeded(pending)
+            return
+        for p in pending:
+            try:
+                await self._transaction([p.item])
+            except Exception as one_exc:
+                self._failed([p], one_exc)
+            else:
+                self._succeeded([p])
 
     def _succeeded(self, pending: list[Pending]) -> None:
         self.stats.transactions += 1
@@ -286,6 +294,15 @@ class GroupWriter:
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(self._caller_error(exc))
+
+
+def _stale_batch(exc: BaseException, pending: list[Pending]) -> Pending | None:
+    """The first batch that writes the run a Stale names, if it names one."""
+    run_id = exc.run_id if isinstance(exc, Stale) else None
+    if run_id is None:
+        return None
+    return next((p for p in pending if isinstance(p.item, Batch) and any(r.run_id == run_id for r in p.item.runs)),
+                None)
 
 
 MIGRATION_FILE = re.compile(r"^(\d{4})_\w+\.sql$")

@@ -397,6 +397,11 @@ class PostgresStore(GroupWriter):
     async def drop_lease(self, name: str, holder: str) -> None:
         await self._call("execute", "DELETE FROM leases WHERE name = $1 AND holder = $2", name, holder)
 
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        await self._call("execute", "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                         name, candidate)
+        return await self._call("fetchval", "SELECT value FROM secrets WHERE name = $1", name)
+
     # -- reading --
 
     async def _call(self, method: str, sql: str, *args: Any) -> Any:
@@ -632,7 +637,7 @@ async def _write_runs(conn: asyncpg.Connection, rows: list[tuple], check_revs: b
         written = {r for (r,) in await conn.fetch(sql, *map(list, zip(*wave)))}
         if len(written) != len(wave):
             run_id, rev = next((row[0], row[-1]) for row in wave if row[0] not in written)
-            raise Stale(f"run {run_id} was changed by another decision (expected revision {rev})")
+            raise Stale(f"run {run_id} was changed by another decision (expected revision {rev})", run_id=run_id)
 
 
 def _waves(rows: list[tuple]) -> list[list[tuple]]:

@@ -708,6 +708,11 @@ class SQLiteStore(GroupWriter):
     async def drop_lease(self, name: str, holder: str) -> None:
         await self._lease_write("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
+    async def shared_secret(self, name: str, candidate: str) -> str:
+        await self._lease_write("INSERT INTO secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, candidate))
+        rows = await self._fetch("SELECT value FROM secrets WHERE name = ?", (name,))
+        return rows[0][0]
+
 
 def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
     """` WHERE a AND b` over the terms whose value is not None, and their parameters
