@@ -24,6 +24,10 @@ wins, JetStream carries the work. What each part does, and why it is safe:
   leader that lost the lease (paused, partitioned) cannot commit a fire. Timers armed on
   other replicas reach it over core NATS (`baton.cluster.timers`); its refill reads the
   store every `lease_s` besides, for the notices lost while it changed hands.
+* **Concurrency limits.** The time leader alone counts a workflow's `concurrency` slots
+  and admits the runs queued for one: every other replica stores a limited run queued
+  and tells the leader (`baton.cluster.slots`, as it tells when a run gives its slot
+  up); the leader counts again from the store every round, for lost notices.
 * **Failover.** Each replica renews its own lease `replica:<name>` every lease_s / 3.
   When one expires, the leader takes it over: it starts the child runs that the dead
   replica committed and never started (its steps need nothing: see above). When the
@@ -63,6 +67,7 @@ TIME_LEASE = "time"
 REPLICA_LEASE = "replica:"
 SOLE_LEASE = "node"  # held by a Baton on PostgreSQL without nats_url: it runs alone
 TIMERS_SUBJECT = "baton.cluster.timers"
+SLOTS_SUBJECT = "baton.cluster.slots"  # runs queued for a concurrency slot, and slots given up
 RENEWALS_PER_LEASE = 3  # a lease is renewed this often per lease_s: two renewals may fail before it lapses
 POLL_S = 0.25  # how often a replica waiting on a run looks in the store for an end another replica decided
 
@@ -86,7 +91,7 @@ class Cluster:
         self.scheduler: Any = None  # the wiring sets it once built: the time leader runs it
         self.token: int | None = None  # the time lease's fencing token while this replica leads
         self._task: asyncio.Task | None = None
-        self._sub: Any = None
+        self._subs: list[Any] = []
         self._chores: set[asyncio.Task] = set()
 
     @property
@@ -98,7 +103,8 @@ class Cluster:
     async def start(self) -> None:
         """Take this replica's lease, listen for timers, and contend for the time lease."""
         await self._join()
-        self._sub = self.bus.track(await self.bus.nc.subscribe(TIMERS_SUBJECT, cb=self._on_timer))
+        for subject, cb in ((TIMERS_SUBJECT, self._on_timer), (SLOTS_SUBJECT, self._on_slot)):
+            self._subs.append(self.bus.track(await self.bus.nc.subscribe(subject, cb=cb)))
         if self.scheduler is not None:
             await self.scheduler.load()
         await self._round()
@@ -133,12 +139,12 @@ class Cluster:
         if self.leader:
             await self._step_down()
             await self._release(TIME_LEASE)
-        if self._sub is not None:
+        for sub in self._subs:
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # the connection is gone: nothing to release
                 pass
-            self._sub = None
+        self._subs = []
         await self._drop(REPLICA_LEASE + self.replica)
 
     async def _release(self, name: str) -> None:
@@ -167,6 +173,7 @@ class Cluster:
             await self._step_up(token)
         if self.leader:
             await self._take_over_lapsed()
+            await self.runtime.reconcile_slots()
         elif self.scheduler is not None:
             await self.scheduler.load()  # for the views this replica serves
 
@@ -245,6 +252,26 @@ class Cluster:
                 self.runtime.timers.disarm(str(run_id), str(timer_id))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("ignoring a malformed message on %s", TIMERS_SUBJECT)
+
+    def slot_notice(self, kind: str, key: tuple[str, str], run_id: str) -> None:
+        """Tell the time leader, who counts the concurrency slots, that a run was stored queued
+        or gave its slot up (best effort: its count from the store every round catches up)."""
+        self._publish(SLOTS_SUBJECT, {kind: [key[0], key[1], run_id]})
+
+    async def _on_slot(self, msg: Any) -> None:
+        if not self.leader:
+            return
+        try:
+            body = orjson.loads(msg.data)
+            kind = "queued" if "queued" in body else "released"
+            workflow, slot, run_id = (str(v) for v in body[kind])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed message on %s", SLOTS_SUBJECT)
+            return
+        if kind == "queued":
+            self.runtime.slot_queued((workflow, slot), run_id)
+        else:
+            self.runtime.slot_released((workflow, slot), run_id)
 
     def _publish(self, subject: str, body: dict[str, Any]) -> None:
         async def send() -> None:

@@ -62,6 +62,12 @@ steps:
   - {id: go, wait_for_signal: {signal: go, timeout: 1h}}
   - {id: b, task: cluster.step, input: {path: "{{ input.path }}"}}
 """
+LIMITED = """\
+name: limited
+concurrency: {limit: 2, key: "{{ input.team }}"}
+steps:
+  - {id: a, task: cluster.hold, input: {path: "{{ input.path }}", hold_ms: 300}}
+"""
 
 
 class Replica(ServerProcess):
@@ -372,3 +378,41 @@ def test_a_node_without_a_shared_nats_runs_alone_and_refuses_company(tmp_path, p
             alone("c").start(timeout_s=30)
     finally:
         r1.stop()
+
+
+def most_at_once(lines: list[str]) -> int:
+    """The most holds running at one moment."""
+    edges = []
+    for line in lines:
+        kind, _, _, at = line.split()
+        edges.append((float(at), 0 if kind == "end" else 1))  # at one instant, an end frees before a begin
+    now = peak = 0
+    for _, begins in sorted(edges):
+        now += 1 if begins else -1
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.timeout(180)
+def test_a_concurrency_limit_holds_across_replicas(tmp_path, postgres_url, nats_server):
+    """Runs of one key started on both replicas: at most `limit` at once in the cluster, not
+    per replica (the time leader counts the slots); every run still starts and ends."""
+    ledger = tmp_path / "holds.log"
+    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"limited": LIMITED},
+                              lease_s=DEFAULT_LEASE_S)
+    try:
+        for i in range(12):
+            start_run(replicas[i % 2], "limited", {"path": str(ledger), "team": "red"}, f"l-{i}")
+        start_run(replicas[1], "limited", {"path": str(ledger), "team": "blue"}, "other-key")  # its own slots
+        wait(lambda: open_runs(postgres_url) == 0 and len(db(postgres_url, "SELECT 1 FROM runs")) == 13,
+             "every run to end", 90)
+        statuses = Counter(r["status"] for r in db(postgres_url, "SELECT status FROM runs"))
+        assert statuses == {"succeeded": 13}, statuses
+        lines = ledger.read_text().splitlines()
+        other = {r["run_id"] for r in db(postgres_url, "SELECT run_id FROM runs WHERE workflow_id = 'other-key'")}
+        peak = most_at_once([line for line in lines if line.split()[2] not in other])
+        assert peak <= 2, f"{peak} runs of one key at once, over the limit of 2"
+        assert len(lines) == 26  # each run's step began and ended once
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from nats.js.api import StreamConfig
 
 from server.bus.outbox import DELETE_AFTER_S, LIFECYCLE_STREAM, OutboxPublisher
 from server.store.base import Batch, OutboxRow
+from server.store.postgres import PostgresStore
 from tests.inproc import eventually
 
 
@@ -89,3 +91,40 @@ async def _empty(value) -> bool:
 
 async def _subjects_are(value, expected: list[str]) -> bool:
     return [row.subject for row in await value] == expected
+
+
+async def test_a_row_committed_below_the_cursor_goes_out_when_its_transaction_commits(bus, postgres_url):
+    """Replicas: ids are drawn at insert, so a transaction still open holds an id below rows
+    another one committed first. Its commit wakes the publisher, which looks for the ids it
+    passed, not only the periodic rescan (an hour here, so it cannot be what finds it)."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    publisher = OutboxPublisher(bus, store, rescan_s=3600.0)
+    await publisher.start()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        late = conn.transaction()
+        await late.start()
+        await conn.execute("INSERT INTO outbox (subject, msg_id, headers, data) VALUES ($1, $2, $3, $4)",
+                           "baton.run.wf.started", "late", b'{"Baton-Run-Id": "r"}', b'{"n": "late"}')
+        await store.commit(Batch(outbox=rows("baton.run.wf.started", 2)))  # later ids, committed first
+        publisher.wake()
+        await eventually(lambda: _equals(stream_count(bus, LIFECYCLE_STREAM.name), 2), "the rows committed first")
+        await late.commit()
+        publisher.wake()
+        await eventually(lambda: _equals(stream_count(bus, LIFECYCLE_STREAM.name), 3), "the row below the cursor")
+        message = await bus.js.get_msg(LIFECYCLE_STREAM.name, seq=3)
+        assert message.headers["Nats-Msg-Id"] == "late"
+    finally:
+        await conn.close()
+        await publisher.stop()
+        await store.close()
+
+
+async def test_rows_are_read_by_id_in_id_order(store):
+    await store.commit(Batch(outbox=rows("baton.run.wf.started", 5)))
+    ids = [row.id for row in await stored(store)]
+    got = await store.outbox_rows([ids[3], ids[0], 10**9, ids[1]])  # one id never stored
+    assert [row.id for row in got] == [ids[0], ids[1], ids[3]]
+    assert got[0].msg_id == "baton.run.wf.started:0"
+    assert len(await store.outbox_rows(list(range(1, 2000)))) == 5  # more ids than SQLite takes in one statement

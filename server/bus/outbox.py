@@ -35,6 +35,11 @@ BATCH_ROWS = 512  # rows per round: one read, one pipelined publish, one delete
 RETRY_MAX_S = 5.0  # backoff cap while NATS or the store fails
 FLUSH_ON_STOP_S = 3.0  # how long stop() keeps publishing what is left
 DELETE_AFTER_S = 1.0  # acknowledged rows wait at most this long for their delete (<< duplicate_window)
+# Replicas: an id the cursor passed without seeing it may belong to a transaction still
+# open (it commits in milliseconds) or rolled back (never). It is looked for again, for
+# this long, at each round; after it only the rescan finds it.
+HOLE_GRACE_S = 2.0
+MAX_HOLES = 4 * BATCH_ROWS  # more ids skipped at once than this: left to the rescan
 
 # Baton's own streams for what it publishes (consumers may replay them)
 LIFECYCLE_STREAM = StreamConfig(name="BATON_LIFECYCLE", subjects=["baton.run.>", "baton.step.>"],
@@ -47,10 +52,14 @@ class OutboxPublisher:
         self.bus = bus
         self.store = store
         # replicas sharing a database: ids are drawn when a row is inserted, not when its
-        # transaction commits, so another replica's row may commit below the cursor. Every
-        # rescan_s the cursor starts from 0 again (the table holds only rows in flight).
+        # transaction commits, so a row may commit below the cursor: another replica's, or
+        # this one's while it read another's. The ids the cursor skipped are looked for
+        # again each round (this replica's commit wakes it), and every rescan_s the cursor
+        # starts from 0 again (the table holds only rows in flight).
         self.rescan_s = rescan_s
         self._rescan_due: float | None = None
+        self._holes: dict[int, float] = {}  # id skipped -> until when to look for it
+        self._high = 0  # the highest id read so far
         self.published = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -125,7 +134,11 @@ class OutboxPublisher:
         acknowledged (NATS away) stops reading, so a backlog stays in the store, not here."""
         if self._retry:
             self._retry = await self._publish(self._retry)
+        if self._holes:
+            await self._fill_holes()
         while len(self._retry) < BATCH_ROWS and (page := await self.store.outbox_pending(BATCH_ROWS, self._cursor)):
+            if self.rescan_s is not None:
+                self._note_holes(page)
             self._cursor = max(self._cursor, page[-1].id)
             rows = page
             if self._acked or self._retry:  # after a rescan: not again what waits for its delete or retry
@@ -138,6 +151,30 @@ class OutboxPublisher:
                 break
         if self._retry:
             raise BusError(f"{len(self._retry)} messages were not acknowledged by their stream")
+
+    def _note_holes(self, page: list[OutboxRow]) -> None:
+        """The ids between the cursor and the page's last that the page lacks."""
+        top, low = page[-1].id, max(self._cursor, self._high)  # below `_high`: noted already (a rescan reads again)
+        self._high = max(self._high, top)
+        if top - low > MAX_HOLES:  # a jump (a start on an old table): the rescans' job
+            return
+        seen = {row.id for row in page}
+        until = asyncio.get_running_loop().time() + HOLE_GRACE_S
+        for row_id in range(low + 1, top):
+            if row_id not in seen:
+                self._holes.setdefault(row_id, until)
+
+    async def _fill_holes(self) -> None:
+        """Publish the skipped rows committed since."""
+        now = asyncio.get_running_loop().time()
+        self._holes = {row_id: until for row_id, until in self._holes.items() if until > now}
+        if not self._holes:
+            return
+        found = await self.store.outbox_rows(sorted(self._holes))
+        for row in found:
+            del self._holes[row.id]
+        if found:
+            self._retry += await self._publish(found)
 
     async def _publish(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Publish `rows`; returns those their stream did not acknowledge."""

@@ -234,12 +234,15 @@ class Runtime:
         every lease period."""
         self.timers = Timers(self.store, self.clock, self._timer_fired, refill_s=self.cluster.lease_s)
         recovered = await self._recover()
+        await self.reconcile_slots()
         await self.timers.start()
         return recovered
 
     async def follow(self) -> None:
-        """This replica lost the time lease (or is stopping): another one fires the timers."""
+        """This replica lost the time lease (or is stopping): another one fires the timers
+        and admits the runs waiting for a concurrency slot."""
         await self.timers.stop()
+        self._active, self._queued = {}, {}
 
     async def sweep(self) -> int:
         """After a replica died: start the child runs whose start it committed but had not
@@ -247,7 +250,9 @@ class Runtime:
         return await self._recover(heartbeats=False)
 
     async def _recover(self, *, heartbeats: bool = True) -> int:
-        await self._recover_slots()
+        counts_slots = not self._admits_elsewhere
+        if counts_slots:
+            await self._recover_slots()
         rows = await self.store.recoverable_runs()
         queued: list[RunState] = []
         for row in rows:
@@ -265,6 +270,8 @@ class Runtime:
             if heartbeats:
                 for task_id in started_remote_tasks(state):  # queued before the timers start firing
                     self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
+        if not counts_slots:  # the time leader admits them
+            return len(rows)
         already = {run_id for waiting in self._queued.values() for run_id in waiting}  # a sweep recovers again
         for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
             if state.run_id not in already:
@@ -275,8 +282,7 @@ class Runtime:
 
     async def _recover_slots(self) -> None:
         """Count the open runs that hold a concurrency slot (waiting ones included)."""
-        names = {w.model.name for n in self.catalog.names() for w in self.catalog.versions(n) if w.model.concurrency}
-        for name in sorted(names):
+        for name in self._limited_workflows():
             for status in (RUNNING, COMPENSATING):
                 cursor = None
                 while True:
@@ -593,6 +599,7 @@ class Runtime:
         requested: list[dict[str, Any]] = []  # approval requests opened by this batch
         timer_ops: dict[tuple[str, str], float | None] = {}
         facts: list[Any] = []  # what each decision leaves for the metrics, counted once committed, as `decided`
+        queued_here: list[RunState] = []  # runs stored queued, for the time leader to admit (a cluster's)
         per_run = self.cluster is not None
 
         def batch_of(run_id: str) -> Batch:
@@ -626,6 +633,8 @@ class Runtime:
             batch = batch_of(state.run_id)
             if item.new_state is not None and state.slot is not None and not self._take_slot(state):
                 self._queue(state, item, batch)
+                if self._admits_elsewhere:
+                    queued_here.append(state)
                 touched[state.run_id] = state
                 decided.append((state, [], item))
                 facts.append(self.metrics.queued(state))
@@ -674,6 +683,7 @@ class Runtime:
             decided, facts = [decided[i] for i in kept], [facts[i] for i in kept]
             requested = [view for view in requested if view["run_id"] not in lost]
             batches = {key: b for key, b in batches.items() if key not in lost}
+            queued_here = [state for state in queued_here if state.run_id not in lost]
             if not decided:
                 return
         for state in touched.values():
@@ -700,6 +710,8 @@ class Runtime:
             self.outbox_written()
         if requested and self.approval_requested is not None:
             self.approval_requested(requested)
+        for state in queued_here:
+            self.cluster.slot_notice("queued", (state.workflow, state.slot), state.run_id)
         for state, commands, item in decided:
             self._dispatch(state, commands)
             if item.future is not None:  # most events are handler outcomes that nobody awaits
@@ -919,6 +931,8 @@ class Runtime:
         return len(self._active.get((workflow, slot), ())) >= loaded.model.concurrency.limit
 
     def _take_slot(self, state: RunState) -> bool:
+        if self._admits_elsewhere:
+            return False  # stored queued; the time leader admits it
         limit = state.graph.definition.concurrency.limit
         active = self._active.setdefault((state.workflow, state.slot), set())
         if len(active) >= limit:
@@ -934,15 +948,78 @@ class Runtime:
         limit = state.graph.definition.concurrency.limit
         note = Record("run.queued", None, {"slot": state.slot, "limit": limit})
         batch.history += history_rows(state, start.at, None, [note])
-        self._queued.setdefault((state.workflow, state.slot), deque()).append(state.run_id)
+        if not self._admits_elsewhere:  # else the leader hears of it once it is stored
+            self._queued.setdefault((state.workflow, state.slot), deque()).append(state.run_id)
+
+    @property
+    def _admits_elsewhere(self) -> bool:
+        """In a cluster, the time leader alone counts the `concurrency` slots and admits the
+        runs waiting for one, whichever replica started them: a count per replica would let
+        each run `limit` at once."""
+        return self.cluster is not None and not self.cluster.leader
 
     def _release(self, state: RunState) -> None:
         key = (state.workflow, state.slot)
-        self._active.get(key, set()).discard(state.run_id)
-        waiting = self._queued.get(key)
-        if waiting and state.run_id in waiting:
-            waiting.remove(state.run_id)  # cancelled while queued
+        if self._admits_elsewhere:
+            self.cluster.slot_notice("released", key, state.run_id)
+        else:
+            self.slot_released(key, state.run_id)
+
+    def slot_queued(self, key: tuple[str, str], run_id: str) -> None:
+        """A run stored queued (by another replica): wait for a slot, here where they are counted."""
+        if run_id in self._active.get(key, ()) or run_id in self._queued.get(key, ()):
+            return
+        self._queued.setdefault(key, deque()).append(run_id)
         self._admit(key)
+
+    def slot_released(self, key: tuple[str, str], run_id: str) -> None:
+        """A run gave its slot up (it ended, or it was cancelled while queued): admit the next."""
+        self._active.get(key, set()).discard(run_id)
+        waiting = self._queued.get(key)
+        if waiting and run_id in waiting:
+            waiting.remove(run_id)
+        self._admit(key)
+
+    async def reconcile_slots(self) -> None:
+        """The time leader of a cluster counts the slots again from the store, and the runs
+        queued for one: the other replicas' notices (core NATS) may be lost. What it counted
+        itself and the store does not show yet (a start or an admission not committed) stays
+        counted; a run the store shows ended gives its slot up. Never more than `limit` at
+        once: a slot may stay taken a round too long, not the other way."""
+        counted: dict[tuple[str, str], set[str]] = {}
+        queued: list[tuple[float, str, tuple[str, str]]] = []
+        for name in self._limited_workflows():
+            for status in (RUNNING, COMPENSATING, QUEUED):
+                cursor = None
+                while True:
+                    rows, cursor = await self.store.list_runs(workflow=name, status=status, limit=500, cursor=cursor)
+                    for row in rows:
+                        slot = orjson.loads(row.data).get("slot")
+                        if slot is None:
+                            continue
+                        if status == QUEUED:
+                            queued.append((row.created_at, row.run_id, (name, slot)))
+                        else:
+                            counted.setdefault((name, slot), set()).add(row.run_id)
+                    if cursor is None:
+                        break
+        unseen = [r for key, run_ids in self._active.items() for r in run_ids if r not in counted.get(key, ())]
+        ended = {row.run_id for row in await self.store.get_runs(unseen) if row.status in TERMINAL} if unseen else set()
+        for key, run_ids in self._active.items():  # as it is now, after the reads
+            counted.setdefault(key, set()).update(r for r in run_ids if r not in ended)
+        waiting: dict[tuple[str, str], deque[str]] = {}
+        for _, run_id, key in sorted(queued):
+            if run_id not in counted.get(key, ()):
+                waiting.setdefault(key, deque()).append(run_id)
+        for key, run_ids in self._queued.items():  # queued here, not committed yet
+            known = waiting.setdefault(key, deque())
+            known.extend(r for r in run_ids if r not in known and r not in counted.get(key, ()))
+        self._active, self._queued = counted, {key: w for key, w in waiting.items() if w}
+        for key in list(self._queued):
+            self._admit(key)
+
+    def _limited_workflows(self) -> list[str]:
+        return sorted({w.model.name for n in self.catalog.names() for w in self.catalog.versions(n) if w.model.concurrency})
 
     def _admit(self, key: tuple[str, str]) -> None:
         waiting = self._queued.get(key)

@@ -330,6 +330,9 @@ class Store(Protocol):
     async def outbox_pending(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
         """The oldest rows still stored with an id above `after_id`, by id."""
 
+    async def outbox_rows(self, ids: list[int]) -> list[OutboxRow]:
+        """The rows of these ids that are stored, by id."""
+
     async def list_audit(
         self,
         *,

@@ -522,6 +522,10 @@ class PostgresStore(GroupWriter):
         sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > $1 ORDER BY id LIMIT $2"
         return [OutboxRow(*row) for row in await self._fetch(sql, after_id, limit)]
 
+    async def outbox_rows(self, ids: list[int]) -> list[OutboxRow]:
+        sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ANY($1::bigint[]) ORDER BY id"
+        return [OutboxRow(*row) for row in await self._fetch(sql, ids)]
+
     async def list_audit(
         self,
         *,

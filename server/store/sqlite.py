@@ -558,6 +558,14 @@ class SQLiteStore(GroupWriter):
         sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?"
         return [OutboxRow(*row) for row in await self._fetch(sql, (after_id, limit))]
 
+    async def outbox_rows(self, ids: list[int]) -> list[OutboxRow]:
+        rows: list[OutboxRow] = []
+        for start in range(0, len(ids), MAX_PARAMS):  # SQLite's bound on parameters
+            chunk = ids[start:start + MAX_PARAMS]
+            sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id IN ({', '.join('?' * len(chunk))})"
+            rows += [OutboxRow(*row) for row in await self._fetch(sql, tuple(chunk))]
+        return sorted(rows, key=lambda row: row.id)
+
     async def list_audit(
         self,
         *,
