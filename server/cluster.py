@@ -34,9 +34,9 @@ wins, JetStream carries the work. What each part does, and why it is safe:
   leader dies, the time lease expires and another replica takes it within `lease_s`.
 
 Without a NATS they all connect to (`nats_url`), there is nothing to share the work
-through, and Baton on PostgreSQL runs as one node, as on SQLite (`SoleNode`): it holds the lease `node`, so that a second
-Baton started on the same database, alone or as a replica, is refused at start instead
-of firing every timer and schedule a second time.
+through, and Baton on PostgreSQL runs as one node, as on SQLite (`SoleNode`): it holds
+the lease `node`, so that a second Baton started on the same database, alone or as a
+replica, is refused at start instead of firing every timer and schedule a second time.
 """
 
 from __future__ import annotations
@@ -115,9 +115,8 @@ class Cluster:
         """Take the lease `replica:<name>`. Held by another process: a replica of that name
         runs, or ran until moments ago (then its lease lapses within lease_s, and whoever
         takes it over starts what it left behind)."""
-        sole = await self.store.get_lease(SOLE_LEASE)
-        if sole is not None and await _live(self.store, SOLE_LEASE):
-            raise ConfigError(f"a Baton without a shared NATS ({sole[0]}) runs alone on this database: stop it, "
+        if sole := await _live_holder(self.store, SOLE_LEASE):
+            raise ConfigError(f"a Baton without a shared NATS ({sole}) runs alone on this database: stop it, "
                               "or set its nats_url so that it joins the replicas")
         name = REPLICA_LEASE + self.replica
         loop = asyncio.get_running_loop()
@@ -290,8 +289,10 @@ def holder_of(name: str) -> str:
     return f"{name}/{uuid.uuid4().hex[:8]}"
 
 
-async def _live(store: Store, name: str) -> bool:
-    return any(n == name and expires_at >= now for n, _, _, expires_at, now in await store.list_leases(name))
+async def _live_holder(store: Store, name: str) -> str | None:
+    """Who holds the lease `name`, if it has not expired."""
+    return next((holder for n, holder, _, expires_at, now in await store.list_leases(name)
+                 if n == name and expires_at >= now), None)
 
 
 class SoleNode:
