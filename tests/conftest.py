@@ -9,10 +9,8 @@ import os
 import secrets
 import warnings
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 
 import nats
 import pytest
@@ -22,6 +20,7 @@ from server.bus.connection import Bus
 from server.bus.embedded import EmbeddedNats
 from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
+from tests.inproc import sql
 
 # Property and fuzz tests that leave `max_examples` to the profile: CI runs a bounded
 # number per target (the suite's time), `HYPOTHESIS_PROFILE=thorough` thousands, locally.
@@ -119,28 +118,13 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
-def _admin(url: str, sql: str) -> None:
-    """Run one statement on its own connection, on a thread: fixtures that need a database
-    may be set up while the test's event loop runs."""
-
-    async def run() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    with ThreadPoolExecutor(1) as thread:
-        thread.submit(asyncio.run, run()).result()
-
-
 @pytest.fixture
 def postgres_url(postgres_server) -> Iterator[str]:
     """A fresh, empty database on the session's server, dropped after the test."""
     name = f"baton_test_{secrets.token_hex(6)}"
-    _admin(postgres_server, f"CREATE DATABASE {name}")
+    sql(postgres_server, f"CREATE DATABASE {name}")  # on a thread: a test's event loop may run
     yield _with_database(postgres_server, name)
-    _admin(postgres_server, f"DROP DATABASE {name} WITH (FORCE)")
+    sql(postgres_server, f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -9,8 +9,10 @@ recorded; each schedule tick starts one run, whichever replicas were alive."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -77,9 +79,12 @@ class Replica(ServerProcess):
         self.name = name
 
 
+@contextlib.contextmanager
 def start_replicas(tmp_path: Path, postgres_url: str, nats_url: str, names: list[str],
-                   files: dict[str, str], lease_s: float = LEASE_S) -> list[Replica]:
-    """`lease_s`: the tests without a kill take the default, for what a short one costs: an
+                   files: dict[str, str], lease_s: float = LEASE_S) -> Iterator[list[Replica]]:
+    """The replicas, started in turn and all stopped at the end (a killed one too).
+
+    `lease_s`: the tests without a kill take the default, for what a short one costs: an
     in-process step's heartbeat deadline is the lease, and on a loaded machine a result can
     take longer than 2 s to be decided; the attempt is then made again (at-least-once)."""
     workflows = tmp_path / "workflows"
@@ -87,9 +92,13 @@ def start_replicas(tmp_path: Path, postgres_url: str, nats_url: str, names: list
     for name, text in files.items():
         (workflows / f"{name}.yaml").write_text(text)
     replicas = [Replica(tmp_path, name, postgres_url, nats_url, workflows, lease_s) for name in names]
-    for replica in replicas:
-        replica.start(timeout_s=30)
-    return replicas
+    try:
+        for replica in replicas:
+            replica.start(timeout_s=30)
+        yield replicas
+    finally:
+        for replica in replicas:
+            replica.stop()
 
 
 def start_run(replica: Replica, workflow: str, input: dict, workflow_id: str) -> str:
@@ -161,9 +170,8 @@ def check_steps_once(url: str, calls: list[tuple[str, str, str, int]], killed: s
 @pytest.mark.timeout(180)
 def test_replicas_share_the_runs_and_run_each_step_once(tmp_path, postgres_url, nats_server):
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"chain": CHAIN},
-                              lease_s=DEFAULT_LEASE_S)
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"chain": CHAIN},
+                        lease_s=DEFAULT_LEASE_S) as replicas:
         runs = [start_run(replicas[i % 2], "chain", {"path": str(ledger), "work_ms": 20}, f"c-{i}") for i in range(40)]
         wait(lambda: open_runs(postgres_url) == 0 and len(db(postgres_url, "SELECT 1 FROM runs")) == 40,
              "every run to end", 90)
@@ -178,16 +186,13 @@ def test_replicas_share_the_runs_and_run_each_step_once(tmp_path, postgres_url, 
         # each replica answers for every run, wherever it was decided
         status, body = replicas[1].request("GET", f"/v1/runs/{runs[0]}")
         assert status == 200 and body["status"] == "succeeded", body
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 @pytest.mark.timeout(240)
 def test_a_replica_killed_mid_load_loses_and_doubles_nothing(tmp_path, postgres_url, nats_server):
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"], {"chain": CHAIN, "nap": NAP})
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"],
+                        {"chain": CHAIN, "nap": NAP}) as replicas:
         leader = db(postgres_url, "SELECT holder, token FROM leases WHERE name = 'time'")[0]
         for i in range(45):
             start_run(replicas[i % 3], "chain", {"path": str(ledger), "work_ms": 150}, f"c-{i}")
@@ -209,16 +214,13 @@ def test_a_replica_killed_mid_load_loses_and_doubles_nothing(tmp_path, postgres_
              "the dead replica's lease to be taken over", 10 * LEASE_S)
         # nothing left to publish: every step's message and lifecycle event went out
         wait(lambda: not db(postgres_url, "SELECT 1 FROM outbox LIMIT 1"), "an empty outbox", 10 * LEASE_S)
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 @pytest.mark.timeout(180)
 def test_every_schedule_tick_starts_one_run_across_replicas(tmp_path, postgres_url, nats_server):
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"], {"tick": TICK % ledger})
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2", "r3"],
+                        {"tick": TICK % ledger}) as replicas:
         fires = "SELECT scheduled_at, outcome, run_id, missed FROM schedule_fires WHERE schedule = 'every-second'"
         wait(lambda: len(db(postgres_url, fires)) >= 4, "four ticks", 30)
         leader = replica_of(db(postgres_url, "SELECT holder FROM leases WHERE name = 'time'")[0]["holder"])
@@ -226,7 +228,7 @@ def test_every_schedule_tick_starts_one_run_across_replicas(tmp_path, postgres_u
         next(r for r in replicas if r.name == leader).kill()
         wait(lambda: len(db(postgres_url, fires)) >= before + 4, "four ticks after the leader died", 30)
         for replica in replicas:
-            replica.stop()
+            replica.stop()  # no fires after the rows are read
         rows = db(postgres_url, fires)
         ticks = Counter(row["scheduled_at"] for row in rows)
         assert all(n == 1 for n in ticks.values()), [t for t, n in ticks.items() if n > 1]
@@ -236,9 +238,6 @@ def test_every_schedule_tick_starts_one_run_across_replicas(tmp_path, postgres_u
         # the ticks while the dead leader's lease ran out were fired late by the next one, not lost
         times = sorted(ticks)
         assert times == [times[0] + i for i in range(len(times))], times
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 async def publish_twice(nats_url: str, events: list[dict]) -> None:
@@ -270,9 +269,8 @@ async def consumer_backlog(nats_url: str) -> int:
 @pytest.mark.timeout(180)
 def test_each_event_starts_one_run_across_replicas(tmp_path, postgres_url, nats_server):
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"evented": EVENTED},
-                              lease_s=DEFAULT_LEASE_S)
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"evented": EVENTED},
+                        lease_s=DEFAULT_LEASE_S):
         asyncio.run(publish_twice(nats_server.url, [{"eid": f"e-{i}", "path": str(ledger)} for i in range(30)]))
         wait(lambda: asyncio.run(consumer_backlog(nats_server.url)) == 0, "every copy to be handled", 60)
         wait(lambda: open_runs(postgres_url) == 0, "every run to end", 60)
@@ -284,9 +282,6 @@ def test_each_event_starts_one_run_across_replicas(tmp_path, postgres_url, nats_
         calls = invocations(ledger)
         assert len(calls) == 60, len(calls)
         check_steps_once(postgres_url, calls, killed=None)
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 async def signal_over_nats(nats_url: str, run_id: str) -> dict:
@@ -308,10 +303,9 @@ def test_approvals_and_signals_reach_a_run_on_any_replica(tmp_path, postgres_url
     """Runs started on r1 are approved on r2 by the links r1 signs (one signing key for both,
     kept in the database) and signalled over HTTP on r2 or over NATS (a queue group: any replica)."""
     ledger = tmp_path / "calls.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"gated": GATED},
-                              lease_s=DEFAULT_LEASE_S)
-    r1, r2 = replicas
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"gated": GATED},
+                        lease_s=DEFAULT_LEASE_S) as replicas:
+        r1, r2 = replicas
         runs = [start_run(r1, "gated", {"path": str(ledger), "n": i}, f"g-{i}") for i in range(6)]
 
         def pending() -> list[dict]:  # the links as r1 signs them
@@ -339,9 +333,6 @@ def test_approvals_and_signals_reach_a_run_on_any_replica(tmp_path, postgres_url
         calls = invocations(ledger)
         assert len(calls) == 12, len(calls)
         check_steps_once(postgres_url, calls, killed=None)
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 @pytest.mark.timeout(120)
@@ -398,9 +389,8 @@ def test_a_concurrency_limit_holds_across_replicas(tmp_path, postgres_url, nats_
     """Runs of one key started on both replicas: at most `limit` at once in the cluster, not
     per replica (the time leader counts the slots); every run still starts and ends."""
     ledger = tmp_path / "holds.log"
-    replicas = start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"limited": LIMITED},
-                              lease_s=DEFAULT_LEASE_S)
-    try:
+    with start_replicas(tmp_path, postgres_url, nats_server.url, ["r1", "r2"], {"limited": LIMITED},
+                        lease_s=DEFAULT_LEASE_S) as replicas:
         for i in range(12):
             start_run(replicas[i % 2], "limited", {"path": str(ledger), "team": "red"}, f"l-{i}")
         start_run(replicas[1], "limited", {"path": str(ledger), "team": "blue"}, "other-key")  # its own slots
@@ -413,6 +403,3 @@ def test_a_concurrency_limit_holds_across_replicas(tmp_path, postgres_url, nats_
         peak = most_at_once([line for line in lines if line.split()[2] not in other])
         assert peak <= 2, f"{peak} runs of one key at once, over the limit of 2"
         assert len(lines) == 26  # each run's step began and ended once
-    finally:
-        for replica in replicas:
-            replica.stop()

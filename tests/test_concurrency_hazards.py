@@ -33,22 +33,11 @@ import pytest
 
 from server.settings import Settings, load_settings
 from tests.inproc import api_client, eventually
+from tests.sample_workflows import APPROVAL
 
 SIGNALS_AT_ONCE = 50
 RACES = 24  # runs per cancel-against-completion race; each outcome should show up
 
-GATE = """\
-name: gate
-steps:
-  - id: prepare
-    task: echo
-    input: {ready: true}
-  - id: gate
-    wait_for_signal: {signal: approve}
-  - id: after
-    task: echo
-    input: {approved: "{{ steps.gate.output }}"}
-"""
 # The last step completes by a signal (the race is decided in the pump) or by a short
 # task (the race is with a handler's completion); the first step has a compensation,
 # which must run only for a cancelled run.
@@ -79,7 +68,7 @@ TERMINAL_EVENTS = {"run.succeeded", "run.failed", "run.cancelled", "run.compensa
 def settings_for(tmp_path) -> Settings:
     wf = tmp_path / "wf"
     wf.mkdir(exist_ok=True)
-    for name, text in (("gate", GATE), ("last-signal", LAST_SIGNAL), ("last-task", LAST_TASK)):
+    for name, text in (("approval", APPROVAL), ("last-signal", LAST_SIGNAL), ("last-task", LAST_TASK)):
         (wf / f"{name}.yaml").write_text(text)
     return Settings(data_dir=tmp_path / "data", workflows=[wf], handler_modules=[], nats={"enabled": False},
                     auth={"enabled": False})
@@ -132,7 +121,7 @@ def conflicts(answers: list[tuple[int, dict]]) -> list[dict]:
 
 
 async def test_fifty_identical_signals_at_once_deliver_one_and_refuse_the_rest_with_409(api):
-    run_id = await start(api, "gate")
+    run_id = await start(api, "approval")
     await waiting_for(api, run_id, "approve")
     answers = await asyncio.gather(*(post(api, f"/v1/runs/{run_id}/signals/approve", json={"data": {"n": i}})
                                      for i in range(SIGNALS_AT_ONCE)))
@@ -149,8 +138,8 @@ async def test_fifty_identical_signals_at_once_deliver_one_and_refuse_the_rest_w
     detail = await get(api, f"/v1/runs/{run_id}")
     steps = {s["key"]: s for s in detail["steps"]}
     assert steps["gate"]["output"] == {"n": delivered[0]}  # the winner's data, resumed once
-    assert steps["after"]["output"] == {"approved": {"n": delivered[0]}}
-    assert types.count("step.scheduled") == 2, types  # prepare and after, each once
+    assert steps["done"]["output"] == {"approved": {"n": delivered[0]}}
+    assert types.count("step.scheduled") == 2, types  # prepare and done, each once
 
 
 async def test_fifty_identical_nats_signals_at_once_deliver_one_and_refuse_the_rest(tmp_path, monkeypatch, nats_server):
@@ -158,14 +147,14 @@ async def test_fifty_identical_nats_signals_at_once_deliver_one_and_refuse_the_r
 
     wf = tmp_path / "wf"
     wf.mkdir()
-    (wf / "gate.yaml").write_text(GATE)
+    (wf / "approval.yaml").write_text(APPROVAL)
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
     monkeypatch.setenv("BATON_CONFIG", str(cfg))
     settings = load_settings(data_dir=tmp_path / "data", workflows=[wf], nats_url=nats_server.url,
                              limits={"shutdown_grace_s": 0.2})
     async with open_runtime(settings) as rt:
-        run, _ = await rt.start_run("gate", None)
+        run, _ = await rt.start_run("approval", None)
         run_id = run["run_id"]
 
         async def waits() -> bool:
@@ -260,7 +249,7 @@ async def test_many_cancels_at_once_cancel_once(api):
 
 
 async def test_retry_of_a_running_run_is_409_naming_its_status(api):
-    run_id = await start(api, "gate")
+    run_id = await start(api, "approval")
     await waiting_for(api, run_id, "approve")
     status, body = await post(api, f"/v1/runs/{run_id}/retry")
     assert status == 409 and body["error"]["code"] == "conflict", body
@@ -272,7 +261,7 @@ async def test_retry_of_a_running_run_is_409_naming_its_status(api):
 
 
 async def test_many_retries_at_once_start_one_new_attempt(api):
-    run_id = await start(api, "gate")
+    run_id = await start(api, "approval")
     await waiting_for(api, run_id, "approve")
     assert (await post(api, f"/v1/runs/{run_id}/cancel", json={"reason": "to retry"}))[0] == 202
     assert (await finished(api, run_id))["status"] == "cancelled"

@@ -250,7 +250,7 @@ class Runtime:
         return await self._recover(heartbeats=False)
 
     async def _recover(self, *, heartbeats: bool = True) -> int:
-        counts_slots = not self._admits_elsewhere
+        counts_slots = self.cluster is None  # in a cluster, the time leader's reconcile_slots does
         if counts_slots:
             await self._recover_slots()
         rows = await self.store.recoverable_runs()
@@ -270,27 +270,32 @@ class Runtime:
             if heartbeats:
                 for task_id in started_remote_tasks(state):  # queued before the timers start firing
                     self._submit_internal(state.run_id, TaskHeartbeat(task_id, self.clock.now()))
-        if not counts_slots:  # the time leader admits them
+        if not counts_slots:
             return len(rows)
-        already = {run_id for waiting in self._queued.values() for run_id in waiting}  # a sweep recovers again
         for state in sorted(queued, key=lambda st: (st.created_at or 0.0, st.run_id)):
-            if state.run_id not in already:
-                self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
+            self._queued.setdefault((state.workflow, state.slot or ""), deque()).append(state.run_id)
         for key in list(self._queued):
             self._admit(key)
         return len(rows)
 
     async def _recover_slots(self) -> None:
         """Count the open runs that hold a concurrency slot (waiting ones included)."""
-        for name in self._limited_workflows():
-            for status in (RUNNING, COMPENSATING):
+        async for _, row, key in self._limited_runs((RUNNING, COMPENSATING)):
+            self._active.setdefault(key, set()).add(row.run_id)
+
+    async def _limited_runs(self, statuses: tuple[str, ...]) -> AsyncIterator[tuple[str, RunRow, tuple[str, str]]]:
+        """(status, row, slot key) of the stored runs with these statuses of the workflows
+        that have a `concurrency` limit."""
+        limited = {w.model.name for n in self.catalog.names() for w in self.catalog.versions(n) if w.model.concurrency}
+        for name in sorted(limited):
+            for status in statuses:
                 cursor = None
                 while True:
                     rows, cursor = await self.store.list_runs(workflow=name, status=status, limit=500, cursor=cursor)
                     for row in rows:
                         slot = orjson.loads(row.data).get("slot")
                         if slot is not None:
-                            self._active.setdefault((name, slot), set()).add(row.run_id)
+                            yield status, row, (name, slot)
                     if cursor is None:
                         break
 
@@ -725,22 +730,21 @@ class Runtime:
     async def _commit(self, batches: dict[str, Batch]) -> list[tuple[BatonError, set[str]]]:
         """Commit the batches (at once: the store groups them); return each error met, with
         the runs of the batches it failed. An error that is not the store's goes up."""
-        keys = list(batches)
-        if len(keys) == 1:
-            outcomes: list[BaseException | None] = []
+        async def commit(batch: Batch) -> BatonError | None:
             try:
-                await self.store.commit(batches[keys[0]])
-                outcomes.append(None)
+                await self.store.commit(batch)
             except BatonError as exc:
-                outcomes.append(exc)
-        else:
-            outcomes = await asyncio.gather(*(self.store.commit(batches[k]) for k in keys), return_exceptions=True)
+                return exc
+            return None
+
+        keys = list(batches)
+        # one node commits one batch: no task to gather
+        outcomes = [await commit(batches[keys[0]])] if len(keys) == 1 else \
+            await asyncio.gather(*(commit(batches[k]) for k in keys))
         failed: dict[tuple[type, str], tuple[BatonError, set[str]]] = {}
         for key, outcome in zip(keys, outcomes):
             if outcome is None:
                 continue
-            if not isinstance(outcome, BatonError):
-                raise outcome
             exc, run_ids = failed.setdefault((type(outcome), outcome.message), (outcome, set()))
             run_ids.update(run.run_id for run in batches[key].runs)
         return list(failed.values())
@@ -988,21 +992,11 @@ class Runtime:
         once: a slot may stay taken a round too long, not the other way."""
         counted: dict[tuple[str, str], set[str]] = {}
         queued: list[tuple[float, str, tuple[str, str]]] = []
-        for name in self._limited_workflows():
-            for status in (RUNNING, COMPENSATING, QUEUED):
-                cursor = None
-                while True:
-                    rows, cursor = await self.store.list_runs(workflow=name, status=status, limit=500, cursor=cursor)
-                    for row in rows:
-                        slot = orjson.loads(row.data).get("slot")
-                        if slot is None:
-                            continue
-                        if status == QUEUED:
-                            queued.append((row.created_at, row.run_id, (name, slot)))
-                        else:
-                            counted.setdefault((name, slot), set()).add(row.run_id)
-                    if cursor is None:
-                        break
+        async for status, row, key in self._limited_runs((RUNNING, COMPENSATING, QUEUED)):
+            if status == QUEUED:
+                queued.append((row.created_at, row.run_id, key))
+            else:
+                counted.setdefault(key, set()).add(row.run_id)
         unseen = [r for key, run_ids in self._active.items() for r in run_ids if r not in counted.get(key, ())]
         ended = {row.run_id for row in await self.store.get_runs(unseen) if row.status in TERMINAL} if unseen else set()
         for key, run_ids in self._active.items():  # as it is now, after the reads
@@ -1017,9 +1011,6 @@ class Runtime:
         self._active, self._queued = counted, {key: w for key, w in waiting.items() if w}
         for key in list(self._queued):
             self._admit(key)
-
-    def _limited_workflows(self) -> list[str]:
-        return sorted({w.model.name for n in self.catalog.names() for w in self.catalog.versions(n) if w.model.concurrency})
 
     def _admit(self, key: tuple[str, str]) -> None:
         waiting = self._queued.get(key)

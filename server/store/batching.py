@@ -200,8 +200,9 @@ class GroupWriter:
     caller. A group that fails because of one batch's data (`_is_batch_error`) fails that
     batch alone: a stale run names its batch, and the rest is tried again as one group
     (replicas racing for runs make this common); after any other batch error, each batch is
-    tried in its own transaction. A failure of the database itself fails the whole group. A store sets `where` (for messages),
-    `stats`, `on_group`, and starts `_write_loop` on `_queue` as `_writer`."""
+    tried in its own transaction. A failure of the database itself fails the whole group.
+    A store sets `where` (for messages), `stats`, `on_group`, and starts `_write_loop` on
+    `_queue` as `_writer`."""
 
     where: str
     stats: StoreStats
