@@ -232,6 +232,51 @@ async def test_replicas_opening_one_empty_database_at_once_migrate_it_once(postg
     assert await schema_versions(postgres_url) == [latest]
 
 
+async def lock_waiters(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval("SELECT count(*) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND wait_event_type = 'Lock'")
+
+
+async def until_lock_waiters(conn: asyncpg.Connection, count: int) -> None:
+    async with asyncio.timeout(10):
+        while await lock_waiters(conn) < count:
+            await asyncio.sleep(0.01)
+
+
+async def test_replicas_writing_the_same_runs_in_opposite_orders_do_not_deadlock(postgres_url):
+    # Two replicas' group commits share runs a and b, in opposite orders. A third
+    # connection holds a, so both wait; once it lets go, a writer taking rows in the
+    # batch's order would hold b and wait for a while the other holds a and waits for
+    # b: PostgreSQL aborted one ("deadlock detected"), and its results waited for a
+    # redelivery. Each commit locks its runs by id first.
+    one, two = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    await one.open()
+    await two.open()
+    blocker = await asyncpg.connect(postgres_url)
+    try:
+        await one.commit(Batch(runs=[run("a"), run("b")]))
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("SELECT 1 FROM runs WHERE run_id = 'a' FOR UPDATE")
+        first = asyncio.create_task(one.commit(Batch(runs=[run("a", 1, status="waiting"), run("b", 1, status="waiting")])))
+        await until_lock_waiters(blocker, 1)
+        second = asyncio.create_task(two.commit(Batch(runs=[run("b", 1, status="failed"), run("a", 1, status="failed")])))
+        await until_lock_waiters(blocker, 2)
+        await holding.rollback()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+    finally:
+        await blocker.close()
+        await asyncio.gather(one.close(), two.close())
+    check = PostgresStore(postgres_url)
+    await check.open()
+    try:
+        # both written, in the order they came: a rev for the start and one for each commit
+        assert {(r.run_id, r.status, r.rev) for r in await check.get_runs(["a", "b"])} == {
+            ("a", "failed", 3), ("b", "failed", 3)}
+    finally:
+        await check.close()
+
+
 async def test_a_schema_newer_than_the_code_is_refused(postgres_url):
     s = PostgresStore(postgres_url)
     await s.open()

@@ -36,6 +36,7 @@ log = logging.getLogger("baton.nats")
 
 DRAIN_TIMEOUT_S = 5.0
 PUBLISH_TIMEOUT_S = 5.0  # a JetStream publish waits this long for the stream's ack
+DRAIN_WAIT_S = 0.05  # pull(): how long the second fetch may wait for what the first said was there
 
 
 async def settle(action: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -45,6 +46,36 @@ async def settle(action: Callable[..., Awaitable[Any]], *args: Any) -> None:
         await action(*args)
     except Exception as exc:
         log.debug("cannot settle a message: %s", exc or type(exc).__name__)
+
+
+async def pull(sub: Any, batch: int, wait_s: float) -> list[Any]:
+    """Up to `batch` messages from a pull subscription, returned as soon as there is one;
+    raises asyncio.TimeoutError if none came within `wait_s`.
+
+    Not nats-py's `fetch(batch, timeout=wait_s)`: once its long poll has a message, it
+    waits for the rest of the batch until the timeout, holding what came meanwhile
+    unacknowledged. Messages trickling in were held for the whole `wait_s`, past the
+    consumer's ack wait, and delivered again to another consumer while this one still
+    processed them. So: one message, long-polled; then at most as many as the server
+    said were pending behind it, which are there now (another consumer may take some:
+    that fetch waits DRAIN_WAIT_S at most).
+    """
+    msgs = list(await sub.fetch(1, timeout=wait_s))
+    pending = _pending(msgs[-1]) if msgs else 0
+    if batch > 1 and pending:
+        try:
+            msgs += await sub.fetch(min(batch - 1, pending), timeout=DRAIN_WAIT_S)
+        except asyncio.TimeoutError:  # another consumer took them
+            pass
+    return msgs
+
+
+def _pending(msg: Any) -> int:
+    """How many messages the consumer had left to deliver after `msg` (0 if unknown)."""
+    try:
+        return msg.metadata.num_pending or 0
+    except Exception:  # not a JetStream message (no metadata in its reply subject)
+        return 0
 
 
 async def flush_all(nc: Client) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from server.bus.connection import Bus, mapped, settle
+from server.bus.connection import Bus, mapped, pull, settle
 from server.bus.tasks import (
     RESULT_ACK_WAIT_S, RESULTS_STREAM, TASKS_STREAM, cancel_subject, decode_result, encode_task, result_event, results_consumer,
     task_subject,
@@ -170,7 +170,7 @@ class RemoteTasks:
     async def _consume(self) -> None:
         while True:
             try:
-                msgs = await self._sub.fetch(RESULTS_BATCH, timeout=FETCH_WAIT_S)
+                msgs = await pull(self._sub, RESULTS_BATCH, FETCH_WAIT_S)
             except asyncio.TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
                 continue
             except Exception as exc:  # disconnected: nats-py reconnects by itself

@@ -170,6 +170,13 @@ def _bools(*positions: int) -> Callable[[tuple], tuple]:
 
 _CONVERT = {"schedules": _bools(4), "schedule_fires": _bools(7, 8)}
 
+# Replicas commit groups of runs at once; each writer locks its runs in one order (by id)
+# before writing any of their rows, or two groups that share runs deadlock (PostgreSQL
+# then aborts one, and its results wait for a redelivery). FOR NO KEY UPDATE: what the
+# upsert takes anyway.
+_LOCK_RUNS = "SELECT 1 FROM runs WHERE run_id = ANY($1::text[]) ORDER BY run_id FOR NO KEY UPDATE"
+# the plan kinds whose first parameter is a run id
+_RUN_KINDS = ("runs", "steps_deleted", "timers_deleted", "steps", "timers")
 _HOLDS_LEASE = f"SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND token = $3 AND expires_at > {_NOW} FOR SHARE"
 # One statement: of racing callers for a free lease exactly one inserts or updates it.
 _ACQUIRE_LEASE = f"""
@@ -626,6 +633,9 @@ async def _apply(conn: asyncpg.Connection, plan: Plan) -> None:
     for name, holder, token in plan.fences:
         if await conn.fetchval(_HOLDS_LEASE, name, holder, token) is None:
             raise Fenced(f"lease {name} is no longer held by {holder} (token {token})")
+    run_ids = {row[0] for kind, params in plan.statements if kind in _RUN_KINDS for row in params}
+    if len(run_ids) > 1:
+        await conn.execute(_LOCK_RUNS, sorted(run_ids))
     for kind, params in plan.statements:
         if kind == "runs":
             await _write_runs(conn, params, plan.check_revs)

@@ -33,7 +33,7 @@ import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
 from server.bus.cloudevents import EventError, parse_event
-from server.bus.connection import Bus, mapped, settle
+from server.bus.connection import Bus, mapped, pull, settle
 from server.definitions.triggers import CompiledEventTrigger, compile_event_trigger, minimal_subjects
 from server.errors import BatonError, Conflict, ExpressionError, InvalidInput, NotFound
 from server.runtime.runner import Runtime
@@ -151,7 +151,7 @@ class EventTriggers:
                 await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await self._sub.fetch(min(FETCH_BATCH, limit - len(self._inflight)), timeout=FETCH_WAIT_S)
+                msgs = await pull(self._sub, min(FETCH_BATCH, limit - len(self._inflight)), FETCH_WAIT_S)
             except asyncio.TimeoutError:  # nothing to fetch (nats-py raises either TimeoutError)
                 await self._maybe_prune()
                 continue
