@@ -15,8 +15,8 @@ import pytest
 from server.errors import Conflict, Fenced, Stale, StoreError
 from server.settings import Settings
 from server.store import make_store
-from server.store.base import Batch, HistoryRow, RunRow
-from server.store.batching import migrations
+from server.store.base import Batch, HistoryRow, RunRow, ScheduleRow
+from server.store.batching import make_plan, migrations
 from server.store.postgres import PostgresStore
 from server.store.sqlite import SQLiteStore
 
@@ -202,6 +202,56 @@ async def test_a_shared_secret_is_the_first_one_stored_for_every_caller(checked)
     others = await asyncio.gather(*(checked.shared_secret("approval_link_key", f"from-r{i}") for i in range(2, 6)))
     assert first == "from-r1" and set(others) == {"from-r1"}
     assert await checked.shared_secret("another", "x") == "x"  # each name its own
+
+
+# -- schedules: the leader's fires and an operator's pause on another replica ----------
+
+
+SCHEDULE = ScheduleRow("nightly", "report", "h1", 100.0, False, None, None, None, None, None, None, b"[]", 1.0)
+
+
+def paused(row: ScheduleRow, at: float) -> ScheduleRow:
+    return replace(row, paused=True, paused_by="ops", paused_at=at, pause_note="db upgrade", updated_at=at)
+
+
+async def test_a_fire_written_from_a_row_read_before_a_pause_keeps_the_pause(checked):
+    await checked.commit(Batch(schedules=[SCHEDULE]))
+    await checked.commit(Batch(schedule_pauses=[paused(SCHEDULE, 5.0)]))  # on a follower
+    # the leader read the row before the pause, and fires: before, its row undid the pause
+    await checked.commit(Batch(schedules=[replace(SCHEDULE, next_at=200.0, last_fire_at=100.0,
+                                                  last_outcome="started", updated_at=6.0)]))
+
+    [row] = await checked.list_schedules()
+    assert (row.paused, row.paused_by, row.paused_at, row.pause_note) == (True, "ops", 5.0, "db upgrade")
+    assert (row.next_at, row.last_fire_at, row.last_outcome) == (200.0, 100.0, "started")
+
+
+async def test_a_pause_written_from_a_row_read_before_a_fire_keeps_the_fire(checked):
+    await checked.commit(Batch(schedules=[SCHEDULE]))
+    await checked.commit(Batch(schedules=[replace(SCHEDULE, next_at=200.0, last_fire_at=100.0, updated_at=6.0)]))
+    await checked.commit(Batch(schedule_pauses=[paused(SCHEDULE, 7.0)]))  # from the row before the fire
+
+    [row] = await checked.list_schedules()
+    assert (row.paused, row.next_at, row.last_fire_at, row.updated_at) == (True, 200.0, 100.0, 7.0)
+
+    # a resume writes its next_at (the first fire after now); a new schedule's row is written whole
+    await checked.commit(Batch(schedule_pauses=[replace(SCHEDULE, next_at=300.0, updated_at=8.0)]))
+    await checked.commit(Batch(schedules=[replace(SCHEDULE, name="weekly", paused=True, paused_by="ops")]))
+    rows = {r.name: r for r in await checked.list_schedules()}
+    assert (rows["nightly"].paused, rows["nightly"].paused_by, rows["nightly"].next_at) == (False, None, 300.0)
+    assert (rows["weekly"].paused, rows["weekly"].paused_by) == (True, "ops")
+
+
+def test_in_one_group_a_fire_after_a_resume_keeps_the_fires_next_at():
+    resume = replace(SCHEDULE, next_at=300.0, updated_at=8.0)
+    fire = replace(SCHEDULE, next_at=400.0, last_fire_at=300.0, updated_at=9.0)
+    plan = dict(make_plan([Batch(schedule_pauses=[resume]), Batch(schedules=[fire])]).statements)
+    # the statements run schedules first, then pauses: the resume's next_at must not win
+    assert plan["schedule_pauses"] == [(False, None, None, None, None, 8.0, "nightly")]
+    assert plan["schedules"][0][3] == 400.0
+
+    again = dict(make_plan([Batch(schedule_pauses=[resume]), Batch(schedule_pauses=[paused(SCHEDULE, 9.0)])]).statements)
+    assert again["schedule_pauses"] == [(True, "ops", 9.0, "db upgrade", 300.0, 9.0, "nightly")]
 
 
 # -- PostgreSQL's own ----------------------------------------------------------------

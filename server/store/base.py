@@ -177,7 +177,14 @@ class Batch:
     definitions: list[DefinitionRow] = field(default_factory=list)
     approvals: list[ApprovalRow] = field(default_factory=list)  # an existing id is left as it is
     approvals_closed: list[ApprovalClosed] = field(default_factory=list)  # after `approvals`, in order
-    schedules: list[ScheduleRow] = field(default_factory=list)  # upserted by name; the last one wins
+    # upserted by name, the last one wins; an existing row keeps its pause columns (paused,
+    # paused_by, paused_at, pause_note): only `schedule_pauses` change those
+    schedules: list[ScheduleRow] = field(default_factory=list)
+    # an operator's pause or resume of a stored schedule: its pause columns, its updated_at,
+    # and on a resume its next_at, whatever the rest of the row says. Replicas:
+    # the time leader's fire, written from the row it read before, does not undo a pause
+    # made meanwhile on another replica, and that pause does not undo the fire.
+    schedule_pauses: list[ScheduleRow] = field(default_factory=list)
     schedule_fires: list[ScheduleFireRow] = field(default_factory=list)  # appended; the store assigns ids
     schedule_fires_pruned: list[tuple[str, int]] = field(default_factory=list)  # (schedule, rows to keep)
     # (lease name, holder, token): commit only while that lease is still held so

@@ -59,6 +59,15 @@ approval_closed_params = getter(APPROVAL_CLOSED_COLUMNS)
 audit_params = getter(AUDIT_COLUMNS)
 schedule_params = getter(SCHEDULE_COLUMNS)
 schedule_fire_params = getter(SCHEDULE_FIRE_COLUMNS)
+# what a schedules upsert writes over a stored row: not the name, not the pause columns
+SCHEDULE_UPDATE_COLUMNS = [c.strip() for c in SCHEDULE_COLUMNS.split(",")
+                           if c.strip() not in ("name", "paused", "paused_by", "paused_at", "pause_note")]
+
+
+def schedule_pause_params(row: Any) -> tuple:
+    """A pause writes the pause columns; a resume also its next_at (None: leave it)."""
+    next_at = None if row.paused else row.next_at
+    return (row.paused, row.paused_by, row.paused_at, row.pause_note, next_at, row.updated_at, row.name)
 
 
 @dataclass(slots=True)
@@ -96,6 +105,7 @@ def make_plan(items: Iterable[Batch | DefinitionRow], check_revs: bool = False) 
     approvals_closed: list[tuple] = []
     audit: list[tuple] = []
     schedules: dict[str, tuple] = {}
+    pauses: dict[str, tuple] = {}
     schedule_fires: list[tuple] = []
     fires_pruned: list[tuple] = []
     fences: list[tuple[str, str, int]] = []
@@ -130,6 +140,14 @@ def make_plan(items: Iterable[Batch | DefinitionRow], check_revs: bool = False) 
         definitions.extend(map(definition_params, item.definitions))
         for row in item.schedules:
             schedules[row.name] = schedule_params(row)
+            if row.name in pauses:  # a fire after a resume: its next_at is the newer one
+                pauses[row.name] = pauses[row.name][:4] + (None,) + pauses[row.name][5:]
+        for row in item.schedule_pauses:
+            earlier = pauses.get(row.name)
+            params = schedule_pause_params(row)
+            if params[4] is None and earlier is not None:  # a pause after a resume keeps its next_at
+                params = params[:4] + (earlier[4],) + params[5:]
+            pauses[row.name] = params
         schedule_fires.extend(map(schedule_fire_params, item.schedule_fires))
         fires_pruned.extend(item.schedule_fires_pruned)
     statements = [
@@ -150,6 +168,7 @@ def make_plan(items: Iterable[Batch | DefinitionRow], check_revs: bool = False) 
         ("approvals_closed", approvals_closed),
         ("audit", audit),
         ("schedules", list(schedules.values())),
+        ("schedule_pauses", list(pauses.values())),
         ("schedule_fires", schedule_fires),
         ("schedule_fires_pruned", fires_pruned),
     ]

@@ -71,6 +71,7 @@ from server.store.batching import (
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     SCHEDULE_FIRE_COLUMNS,
+    SCHEDULE_UPDATE_COLUMNS,
     STEP_COLUMNS,
     STOP,
     TIMER_COLUMNS,
@@ -155,8 +156,9 @@ _SQL = {
                         " comment = $5 WHERE id = $6 AND status = 'pending'",
     "audit": _insert_with_id("audit", AUDIT_COLUMNS),
     "schedules": f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES ({_placeholders(13)}) ON CONFLICT (name)"
-                 " DO UPDATE SET " + ", ".join(f"{c.strip()} = excluded.{c.strip()}"
-                                              for c in SCHEDULE_COLUMNS.split(",")[1:]),
+                 " DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SCHEDULE_UPDATE_COLUMNS),
+    "schedule_pauses": "UPDATE schedules SET paused = $1, paused_by = $2, paused_at = $3, pause_note = $4,"
+                       " next_at = COALESCE($5, next_at), updated_at = $6 WHERE name = $7",
     "schedule_fires": _insert_with_id("schedule_fires", SCHEDULE_FIRE_COLUMNS),
     "schedule_fires_pruned": "DELETE FROM schedule_fires WHERE schedule = $1 AND id <= (SELECT id FROM schedule_fires"
                              " WHERE schedule = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
@@ -168,7 +170,7 @@ def _bools(*positions: int) -> Callable[[tuple], tuple]:
     return lambda row: tuple(bool(v) if i in positions else v for i, v in enumerate(row))
 
 
-_CONVERT = {"schedules": _bools(4), "schedule_fires": _bools(7, 8)}
+_CONVERT = {"schedules": _bools(4), "schedule_pauses": _bools(0), "schedule_fires": _bools(7, 8)}
 
 # Replicas commit groups of runs at once; each writer locks its runs in one order (by id)
 # before writing any of their rows, or two groups that share runs deadlock (PostgreSQL

@@ -47,7 +47,8 @@ import aiosqlite
 from server.errors import BadRequest, BatonError, Conflict, Fenced, Stale, StoreError
 from server.store.batching import (
     APPROVAL_COLUMNS, AUDIT_COLUMNS, DEAD_LETTER_COLUMNS, DEFINITION_COLUMNS, EVENT_COLUMNS,
-    HISTORY_COLUMNS, OUTBOX_COLUMNS, RUN_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_FIRE_COLUMNS, STEP_COLUMNS, STOP,
+    HISTORY_COLUMNS, OUTBOX_COLUMNS, RUN_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_FIRE_COLUMNS, SCHEDULE_UPDATE_COLUMNS,
+    STEP_COLUMNS, STOP,
     TIMER_COLUMNS, GroupWriter, Pending, Plan, StoreStats, make_plan, stale_run,
 )
 from server.store.batching import migrations as load_migrations
@@ -139,7 +140,10 @@ _CLOSE_APPROVAL = (
     " WHERE id = ? AND status = 'pending'"
 )
 _INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPSERT_SCHEDULE = f"INSERT OR REPLACE INTO schedules ({SCHEDULE_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+_UPSERT_SCHEDULE = (f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES ({', '.join('?' * 13)})"
+                    " ON CONFLICT (name) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SCHEDULE_UPDATE_COLUMNS))
+_PAUSE_SCHEDULE = ("UPDATE schedules SET paused = ?, paused_by = ?, paused_at = ?, pause_note = ?,"
+                   " next_at = COALESCE(?, next_at), updated_at = ? WHERE name = ?")
 _INSERT_SCHEDULE_FIRE = f"INSERT INTO schedule_fires ({SCHEDULE_FIRE_COLUMNS}) VALUES ({', '.join('?' * 11)})"
 # keep the newest N rows of one schedule
 _PRUNE_SCHEDULE_FIRES = (
@@ -178,6 +182,7 @@ _SQL = {
     "approvals_closed": _CLOSE_APPROVAL,
     "audit": _INSERT_AUDIT,
     "schedules": _UPSERT_SCHEDULE,
+    "schedule_pauses": _PAUSE_SCHEDULE,
     "schedule_fires": _INSERT_SCHEDULE_FIRE,
     "schedule_fires_pruned": _PRUNE_SCHEDULE_FIRES,
 }

@@ -19,7 +19,10 @@ fire it now (a manual run ignores `overlap`, and becomes the run the next fire's
 overlap check looks at). The API records these in the audit log.
 
 One asyncio lock serialises the loop's fires and the operators' calls, so a pause
-never interleaves with a fire of the same schedule.
+never interleaves with a fire of the same schedule. On replicas an operator may pause
+on another replica than the time leader: a pause writes only the pause columns and a
+fire never writes them, so neither undoes the other; a fire the leader had already
+begun may still start its run, the later ones do not.
 """
 
 from __future__ import annotations
@@ -353,8 +356,10 @@ class Scheduler:
             return replace(row, last_outcome=outcome)
         return replace(row, last_fire_at=scheduled_at, last_outcome=outcome)
 
-    async def _commit(self, batch: Batch, row: ScheduleRow) -> None:
-        batch.schedules.append(row)
+    async def _commit(self, batch: Batch, row: ScheduleRow, *, pause: bool = False) -> None:
+        """Write `row` with what `batch` holds; `pause`: only its pause columns (and next_at
+        on a resume), which a fire never writes, so neither undoes the other on replicas."""
+        (batch.schedule_pauses if pause else batch.schedules).append(row)
         batch.schedule_fires_pruned.append((row.name, self.keep_fires))
         batch.fence = self.fence
         await self.store.commit(batch)
@@ -377,7 +382,7 @@ class Scheduler:
             if not row.paused:
                 now = self.clock.now()
                 await self._commit(Batch(), replace(row, paused=True, paused_by=by, paused_at=now, pause_note=note,
-                                                    updated_at=now))
+                                                    updated_at=now), pause=True)
         self._wake.set()
         return self.view(schedule)
 
@@ -389,7 +394,8 @@ class Scheduler:
                 now = self.clock.now()
                 # what fell in the pause is not run: the schedule goes on from the next fire after now
                 await self._commit(Batch(), replace(row, paused=False, paused_by=None, paused_at=None,
-                                                    pause_note=None, next_at=schedule.next_after(now), updated_at=now))
+                                                    pause_note=None, next_at=schedule.next_after(now), updated_at=now),
+                                   pause=True)
                 self._draw_offset(name)
         self._wake.set()
         return self.view(schedule)
