@@ -40,6 +40,11 @@ async def subscribe(bus: Bus, stream: str, ack_wait_s: float = 30.0) -> Any:
     return bus.track(await bus.js.pull_subscribe(STREAM_SUBJECT, durable="c", stream=stream, config=config))
 
 
+async def outstanding(bus: Bus, stream: str) -> int:
+    info = await bus.js.consumer_info(stream, "c")
+    return (info.num_ack_pending or 0) + (info.num_pending or 0)
+
+
 async def test_two_subscribers_of_a_busy_consumer_get_each_message_once(nats_server, bus, stream):
     # 3,000 messages at about 1,000/s, two subscribers with 5 s long polls and a 2 s ack
     # wait: with fetch(256, timeout=5) a subscriber held what trickled in until its batch
@@ -70,10 +75,11 @@ async def test_two_subscribers_of_a_busy_consumer_get_each_message_once(nats_ser
             await bus.publish(STREAM_SUBJECT, b"%d" % i)
             if i % 10 == 0:
                 await asyncio.sleep(0.01)
-        async with asyncio.timeout(20):
-            while len(got) < 3000:
+        # every message got, and none left with the consumer (delivered and not acked, or
+        # still to deliver): no copy can come after this
+        async with asyncio.timeout(30):
+            while len(set(got)) < 3000 or await outstanding(bus, stream):
                 await asyncio.sleep(0.05)
-        await asyncio.sleep(2.5)  # one ack wait more: a message held too long comes again
     finally:
         for task in consumers:
             task.cancel()

@@ -833,6 +833,11 @@ class Runtime:
             return graph
         return on_queue(graph, self.cluster.queue, self.cluster.lease_s)
 
+    @property
+    def _timers_front(self) -> Any:
+        """Where timers are armed: here, or in a cluster with the time leader (which fires them)."""
+        return self.cluster if self.cluster is not None else self.timers
+
     def _dispatch(self, state: RunState, commands: list[Command]) -> None:
         for cmd in commands:
             if isinstance(cmd, ExecuteTask):
@@ -857,15 +862,9 @@ class Runtime:
                 elif self.remote is not None:
                     self.remote.cancel(cmd.task_id)
             elif isinstance(cmd, StartTimer):
-                if self.cluster is not None:
-                    self.cluster.arm(state.run_id, cmd.timer_id, cmd.fire_at)
-                else:
-                    self.timers.arm(state.run_id, cmd.timer_id, cmd.fire_at)
+                self._timers_front.arm(state.run_id, cmd.timer_id, cmd.fire_at)
             elif isinstance(cmd, CancelTimer):
-                if self.cluster is not None:
-                    self.cluster.disarm(state.run_id, cmd.timer_id)
-                else:
-                    self.timers.disarm(state.run_id, cmd.timer_id)
+                self._timers_front.disarm(state.run_id, cmd.timer_id)
             elif isinstance(cmd, StartChild):
                 if not self._draining:  # recovery starts it from the committed state otherwise
                     asyncio.create_task(self._start_child(state.run_id, state.attempt, cmd))
